@@ -1,0 +1,1 @@
+"""Geography for aerial instance segmentation: windows, rasters, labels, Ray inference, seam merge, GeoPackage."""

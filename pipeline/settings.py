@@ -1,0 +1,110 @@
+"""Pipeline options: `configs/pipeline.yaml` (or `--config`) merged over these defaults, then CLI flags.
+
+Every command-line flag has a key here, so a run is reproducible from one YAML file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from model.config import merge, read_yaml
+from model.errors import UserError
+
+DEFAULTS: dict[str, Any] = {
+    "tile": 512,  # window size in pixels (square)
+    "overlap": 64,  # pixels shared by neighbouring windows
+    "bands": None,  # 1-based scene bands feeding the model's 3 channels; None: [1, 2, 3], or [1, 1, 1] for 1 band
+    "scaling": "auto",  # auto | divide255 | percentile | range  (see pipeline/raster.py)
+    "percentiles": [2.0, 98.0],  # for scaling: percentile, and auto on non-8-bit data
+    "value_range": None,  # [low, high] for scaling: range (same scaling for every scene)
+    "nodata": None,  # overrides the scene's declared nodata value
+    "prepare": {
+        "class_field": None,  # label attribute holding the class name
+        "class_name": None,  # or one class name for every label
+        "min_area_px": 16,  # clipped objects smaller than this (pixels) are dropped
+        "empty_fraction": 0.1,  # fraction of label-free tiles kept (negatives)
+        "val_fraction": 0.2,
+        "block_tiles": 2,  # spatial split block edge, in tiles
+        "seed": 0,
+    },
+    "run": {
+        "batch_size": 2,
+        "score_threshold": 0.5,
+        "mask_threshold": 0.5,
+        "device": "cpu",  # cpu | cuda
+        "ray_address": None,  # None: in-process local Ray; "auto" or "HOST:PORT": an existing cluster
+        "workers": 1,
+        "gpus_per_worker": 1.0,  # used only with device cuda
+        "threads_per_worker": None,  # torch threads per worker; None: cores / workers
+        "batches_in_flight": 2,  # per worker: bounds memory whatever the scene size
+        "simplify": 0.0,  # polygon simplification tolerance in pixels (0: exact pixel outlines)
+        "layer": "instances",
+        "checkpoint": None,
+        "overwrite": False,
+    },
+    "merge": {
+        "iou_threshold": 0.5,  # mask IoU inside the shared part of two windows
+        "ios_threshold": 0.8,  # or intersection over the smaller mask there
+    },
+}
+
+
+def load_settings(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Defaults <- YAML file <- overrides (flags the user actually gave)."""
+    settings = DEFAULTS
+    if path is not None:
+        data = read_yaml(path)
+        try:
+            settings = merge(settings, data)
+        except UserError as exc:
+            raise UserError(f"{path}: {exc}") from None
+    settings = merge(settings, overrides or {})
+    validate(settings)
+    return settings
+
+
+def validate(s: dict[str, Any]) -> None:
+    """Refuse impossible options before any work starts."""
+    tile, overlap = s["tile"], s["overlap"]
+    if not isinstance(tile, int) or not 32 <= tile <= 8192:
+        raise UserError(f"tile must be an integer number of pixels in [32, 8192], got {tile!r}")
+    if not isinstance(overlap, int) or overlap < 0 or overlap >= tile:
+        raise UserError(f"overlap must be an integer in [0, tile) = [0, {tile}), got {overlap!r}")
+    if s["bands"] is not None:
+        if not isinstance(s["bands"], list) or len(s["bands"]) != 3 or not all(
+            isinstance(b, int) and b >= 1 for b in s["bands"]
+        ):
+            raise UserError(f"bands must be three 1-based band numbers, got {s['bands']!r}")
+    if s["scaling"] not in ("auto", "divide255", "percentile", "range"):
+        raise UserError(f"scaling must be auto, divide255, percentile or range, got {s['scaling']!r}")
+    low, high = s["percentiles"]
+    if not 0 <= low < high <= 100:
+        raise UserError(f"percentiles must satisfy 0 <= low < high <= 100, got {s['percentiles']!r}")
+    if s["scaling"] == "range":
+        vr = s["value_range"]
+        if not isinstance(vr, list) or len(vr) != 2 or not vr[0] < vr[1]:
+            raise UserError(f"scaling: range needs value_range: [low, high] with low < high, got {vr!r}")
+    p = s["prepare"]
+    if not 0 <= p["val_fraction"] < 1:
+        raise UserError(f"prepare.val_fraction must be in [0, 1), got {p['val_fraction']!r}")
+    if not 0 <= p["empty_fraction"] <= 1:
+        raise UserError(f"prepare.empty_fraction must be in [0, 1], got {p['empty_fraction']!r}")
+    if p["min_area_px"] < 0 or p["block_tiles"] < 1:
+        raise UserError("prepare.min_area_px must be >= 0 and prepare.block_tiles >= 1")
+    r = s["run"]
+    if not isinstance(r["batch_size"], int) or not 1 <= r["batch_size"] <= 256:
+        raise UserError(f"batch_size must be an integer in [1, 256], got {r['batch_size']!r}")
+    if not 0 <= r["score_threshold"] <= 1 or not 0 < r["mask_threshold"] < 1:
+        raise UserError("score_threshold must be in [0, 1] and mask_threshold in (0, 1)")
+    if r["device"] not in ("cpu", "cuda"):
+        raise UserError(f"device must be cpu or cuda, got {r['device']!r}")
+    if not isinstance(r["workers"], int) or not 1 <= r["workers"] <= 1024:
+        raise UserError(f"workers must be an integer in [1, 1024], got {r['workers']!r}")
+    if not 0 < r["gpus_per_worker"] <= 8:
+        raise UserError(f"gpus_per_worker must be in (0, 8], got {r['gpus_per_worker']!r}")
+    if r["batches_in_flight"] < 1 or r["simplify"] < 0:
+        raise UserError("batches_in_flight must be >= 1 and simplify >= 0")
+    m = s["merge"]
+    if not 0 < m["iou_threshold"] <= 1 or not 0 < m["ios_threshold"] <= 1:
+        raise UserError("merge thresholds must be in (0, 1]")
