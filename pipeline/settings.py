@@ -108,3 +108,23 @@ def validate(s: dict[str, Any]) -> None:
     m = s["merge"]
     if not 0 < m["iou_threshold"] <= 1 or not 0 < m["ios_threshold"] <= 1:
         raise UserError("merge thresholds must be in (0, 1]")
+
+
+def settings_overrides(options: dict[str, Any]) -> dict[str, Any]:
+    """Flat option names (CLI flags, `run_scene(**options)`) -> the nested overrides they stand for.
+
+    A name is looked up at the top level first, then in the prepare, run and merge sections; None values
+    mean "not given" and are skipped.
+    """
+    nested: dict[str, Any] = {}
+    for name, value in options.items():
+        if value is None:
+            continue
+        if name in DEFAULTS and not isinstance(DEFAULTS[name], dict):
+            nested[name] = value
+            continue
+        section = next((s for s in ("run", "merge", "prepare") if name in DEFAULTS[s]), None)
+        if section is None:
+            raise UserError(f"unknown option '{name}'")
+        nested.setdefault(section, {})[name] = value
+    return nested

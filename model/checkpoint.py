@@ -1,0 +1,94 @@
+"""A checkpoint is one file: weights, the full config, class names and a format version.
+
+Loaded with `weights_only=True`, so a checkpoint can never run code; everything in it is plain data.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from model.builder import build_model
+from model.config import DEFAULTS, merge, validate
+from model.errors import UserError
+from model.files import atomic_path
+
+FORMAT_VERSION = 1
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, config: dict[str, Any], class_names: list[str],
+                    training_state: dict[str, Any] | None = None) -> None:
+    """Write atomically: an interrupted save leaves the previous checkpoint intact."""
+    payload = {
+        "format_version": FORMAT_VERSION,
+        "config": config,
+        "class_names": list(class_names),
+        "model": model.state_dict(),
+        "training_state": training_state,
+    }
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The raw checkpoint payload, validated; every failure is one UserError line naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: checkpoint not found (train one with `python -m pipeline train`, or give a path)")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated zip, a pickle that would run code, not a torch file
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+            reason = "it contains Python objects that would run code when loaded; refused (weights_only=True)"
+        raise UserError(f"{path}: not a readable checkpoint: {reason}") from None
+    if not isinstance(payload, dict) or "format_version" not in payload:
+        raise UserError(f"{path}: not a checkpoint of this tool (no format_version)")
+    if payload["format_version"] != FORMAT_VERSION:
+        raise UserError(f"{path}: checkpoint format {payload['format_version']} is not supported "
+                        f"(this version reads {FORMAT_VERSION})")
+    for key in ("config", "class_names", "model"):
+        if key not in payload:
+            raise UserError(f"{path}: checkpoint lacks '{key}'")
+    return payload
+
+
+def check_compatible(payload: dict[str, Any], config: dict[str, Any], path: str | Path) -> None:
+    """Refuse a checkpoint whose architecture or classes differ from `config`, naming the mismatch."""
+    saved = payload["config"]["model"]
+    wanted = config["model"]
+    for key in ("name",):
+        if saved["backbone"][key] != wanted["backbone"][key]:
+            raise UserError(f"{path}: checkpoint backbone is {saved['backbone'][key]} but the config asks for "
+                            f"{wanted['backbone'][key]}")
+    for key in ("fpn_channels", "anchor_sizes", "aspect_ratios"):
+        if saved[key] != wanted[key]:
+            raise UserError(f"{path}: checkpoint model.{key} = {saved[key]} but the config has {wanted[key]}")
+    if config["classes"] is not None and list(config["classes"]) != list(payload["class_names"]):
+        raise UserError(f"{path}: checkpoint classes {payload['class_names']} differ from the config's "
+                        f"{config['classes']}")
+
+
+def load_checkpoint(path: str | Path, config: dict[str, Any] | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model from a checkpoint. With `config`, first check the checkpoint matches it.
+
+    Returns (model in eval mode on the CPU, payload).
+    """
+    payload = read_checkpoint(path)
+    saved_config = merge(DEFAULTS, payload["config"])
+    validate(saved_config)
+    if config is not None:
+        check_compatible(payload, config, path)
+    # Never reload ImageNet weights: the checkpoint already holds trained ones.
+    model = build_model(saved_config, num_classes=len(payload["class_names"]), load_weights=False)
+    try:
+        model.load_state_dict(payload["model"], strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        detail = " ".join(line.strip() for line in first[1:3]) if len(first) > 1 else first[0]
+        raise UserError(f"{path}: weights do not fit the model the checkpoint describes ({detail[:300]})") from None
+    model.eval()
+    return model, payload

@@ -1,0 +1,209 @@
+"""Command line: `python -m pipeline run | prepare | train | evaluate | compare`.
+
+Bad input is reported as one line on stderr with a non-zero exit; `--debug` shows the traceback.
+Exit codes: 0 done, 1 unexpected error, 2 bad input, 3 output written but incomplete, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from model.errors import UserError
+
+EXIT_BAD_INPUT, EXIT_INCOMPLETE, EXIT_INTERRUPTED = 2, 3, 130
+
+
+def _bands(text: str) -> list[int]:
+    try:
+        return [int(b) for b in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bands must look like 3,2,1, got {text!r}") from None
+
+
+def add_reading_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="pipeline settings YAML (default: configs/pipeline.yaml defaults)")
+    p.add_argument("--tile", type=int, help="window size in pixels")
+    p.add_argument("--overlap", type=int, help="pixels shared by neighbouring windows")
+    p.add_argument("--bands", type=_bands, help="1-based scene bands for the 3 model channels, e.g. 1,1,1")
+    p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing output")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline",
+        description="Instance segmentation of large aerial scenes with Swin-Transformer Mask R-CNN.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="tiled inference over GeoTIFF scenes -> GeoPackage of instance polygons")
+    p.add_argument("scenes", nargs="+", metavar="SCENE", help="GeoTIFF (local, COG, /vsicurl/, /vsis3/)")
+    p.add_argument("--checkpoint", help="trained model (.pt) from `python -m pipeline train`")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("-o", "--output", help="output GeoPackage (one scene)")
+    out.add_argument("--out-dir", help="directory for SCENE_NAME.gpkg per scene (default: beside each scene)")
+    add_reading_options(p)
+    p.add_argument("--batch-size", type=int, help="tiles per model forward")
+    p.add_argument("--score-threshold", type=float, help="drop detections scoring below this")
+    p.add_argument("--device", choices=["cpu", "cuda"])
+    p.add_argument("--ray-address", help="none: Ray in-process; 'auto' or HOST:PORT: an existing cluster")
+    p.add_argument("--workers", type=int, help="model actors")
+    p.add_argument("--gpus-per-worker", type=float)
+    p.add_argument("--threads-per-worker", type=int, help="torch threads per actor (default: cores / workers)")
+    p.add_argument("--simplify", type=float, help="polygon simplification tolerance in pixels")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("prepare", help="GeoTIFF scenes + labeled vectors -> COCO tiles for training")
+    p.add_argument("scenes", nargs="+", metavar="SCENE")
+    p.add_argument("--labels", required=True, help="GeoPackage / GeoJSON / Shapefile of polygons, any CRS")
+    p.add_argument("--out", required=True, help="output directory (gets train/ and val/)")
+    add_reading_options(p)
+    p.add_argument("--class-field", help="label attribute holding the class name")
+    p.add_argument("--class-name", help="one class name for every label")
+    p.add_argument("--min-area", dest="min_area_px", type=float, help="drop clipped objects under N pixels")
+    p.add_argument("--empty-fraction", type=float, help="fraction of label-free tiles kept")
+    p.add_argument("--val-fraction", type=float, help="fraction of spatial blocks for validation")
+    p.add_argument("--seed", type=int)
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("train", help="train Mask R-CNN on prepared COCO tiles")
+    p.add_argument("--config", required=True, help="model config, e.g. configs/swin_t.yaml")
+    p.add_argument("--data", required=True, help="a `prepare` output directory")
+    p.add_argument("--out", required=True, help="checkpoint path (model.pt); losses go beside it")
+    length = p.add_mutually_exclusive_group(required=True)
+    length.add_argument("--iters", type=int)
+    length.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint at --out")
+    p.add_argument("--validate", action="store_true", help="COCO AP on DATA/val after each epoch")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="COCO bbox and mask AP of a checkpoint on COCO tiles")
+    p.add_argument("checkpoint")
+    p.add_argument("--data", required=True, help="COCO tiles directory, e.g. DIR/val")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--out", help="metrics JSON (default: CHECKPOINT.eval.json)")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("compare", help="train + evaluate several backbones identically; one table")
+    p.add_argument("--configs", nargs="+", required=True)
+    p.add_argument("--data", required=True)
+    length = p.add_mutually_exclusive_group(required=True)
+    length.add_argument("--iters", type=int)
+    length.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-dir", default="compare", help="checkpoints and the table (compare.md, compare.json)")
+    p.set_defaults(func=cmd_compare)
+    return parser
+
+
+def _options(args: argparse.Namespace, names: list[str]) -> dict[str, Any]:
+    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from pipeline.execute import RayPool
+    from pipeline.predict import CheckpointPredictor
+    from pipeline.run import run_scene
+    from pipeline.settings import load_settings, settings_overrides
+
+    if args.output and len(args.scenes) > 1:
+        raise UserError("-o/--output takes one scene; use --out-dir for several")
+    options = _options(args, ["tile", "overlap", "bands", "overwrite", "batch_size", "score_threshold", "device",
+                              "ray_address", "workers", "gpus_per_worker", "threads_per_worker", "simplify"])
+    settings = load_settings(args.config, settings_overrides(options))  # refuse bad options before any work
+    checkpoint = args.checkpoint or settings["run"]["checkpoint"]
+    if not checkpoint:
+        raise UserError("no model given: pass --checkpoint model.pt (train one with `python -m pipeline train "
+                        "--config configs/swin_t.yaml --data DIR --out model.pt`)")
+    predictor = CheckpointPredictor(checkpoint, settings["run"]["device"])
+    outputs = [Path(args.output)] if args.output else [
+        (Path(args.out_dir) if args.out_dir else Path(s).parent) / (Path(s).stem + ".gpkg") for s in args.scenes
+    ]
+    if args.out_dir:
+        Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+    code = 0
+    with RayPool(predictor, settings) as pool:
+        for scene, output in zip(args.scenes, outputs):
+            summary = run_scene(scene, output, predictor, config=args.config, pool=pool, **options)
+            print("\n".join(summary.lines()))
+            if not summary.complete:
+                code = EXIT_INCOMPLETE
+    return code
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from pipeline.prepare import prepare
+    from pipeline.settings import load_settings, settings_overrides
+
+    options = _options(args, ["tile", "overlap", "bands", "class_field", "class_name", "min_area_px",
+                              "empty_fraction", "val_fraction", "seed"])
+    settings = load_settings(args.config, settings_overrides(options))
+    prepare(args.scenes, args.labels, args.out, settings, overwrite=bool(args.overwrite))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from model.config import load_config
+    from model.train import TrainOptions, train
+
+    config = load_config(args.config)
+    summary = train(config, TrainOptions(data=Path(args.data), out=Path(args.out), iters=args.iters,
+                                         epochs=args.epochs, batch_size=args.batch_size, device=args.device,
+                                         seed=args.seed, resume=args.resume, validate=args.validate))
+    print(json.dumps({k: v for k, v in summary.items() if k != "val"}, indent=2))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from model.evaluate import evaluate_checkpoint
+
+    out = Path(args.out) if args.out else Path(args.checkpoint).with_suffix(".eval.json")
+    evaluate_checkpoint(args.checkpoint, Path(args.data), args.device, args.batch_size, out)
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from model.compare import compare
+
+    compare(args.configs, Path(args.data), Path(args.out_dir), iters=args.iters, epochs=args.epochs,
+            batch_size=args.batch_size, device=args.device, seed=args.seed)
+    return 0
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _raise_interrupt)  # SIGTERM stops like Ctrl-C: save, report, exit 130
+    try:
+        return args.func(args)
+    except UserError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt as exc:
+        from pipeline.run import Interrupted
+
+        message = str(exc) if isinstance(exc, Interrupted) else "interrupted"
+        print(message, file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:
+        if args.debug:
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"error: {type(exc).__name__}: {first} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 1

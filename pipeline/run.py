@@ -1,0 +1,232 @@
+"""The `run` spine: plan -> read + predict (Ray) -> merge -> polygonize -> write. Each stage is its own module."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from model.errors import UserError
+from pipeline.execute import RayPool, ReadSpec, TileResult
+from pipeline.geopackage import GeoPackageWriter
+from pipeline.merge import merge_instances
+from pipeline.polygonize import mask_to_geometry
+from pipeline.predict import CheckpointPredictor
+from pipeline.raster import compute_scaling, open_scene, resolve_bands
+from pipeline.settings import load_settings, settings_overrides
+from pipeline.store import TileStore, fingerprint, state_dir
+from pipeline.windows import plan_windows
+
+WRITE_BATCH = 5000  # polygons per GeoPackage append: bounded memory for millions of instances
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C / SIGTERM during a run; finished tiles are saved and a rerun resumes from them."""
+
+    def __init__(self, saved: int, total: int, state: Path):
+        super().__init__(f"interrupted: {saved} of {total} tiles saved in {state}; run the same command to resume")
+        self.saved, self.total, self.state = saved, total, state
+
+
+@dataclass
+class RunSummary:
+    scene: str
+    output: str
+    tiles: int = 0
+    tiles_nodata: int = 0
+    tiles_resumed: int = 0
+    failed: list[dict[str, Any]] = field(default_factory=list)  # {"window": [col, row, w, h], "error": ...}
+    raw_instances: int = 0
+    merged_instances: int = 0
+    resubmitted_tiles: int = 0
+    worker_restarts: int = 0
+    stale_state_cleared: bool = False
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def complete(self) -> bool:
+        return not self.failed
+
+    def lines(self) -> list[str]:
+        s = self.seconds
+        out = [
+            f"{self.scene} -> {self.output}",
+            f"  tiles: {self.tiles} ({self.tiles_nodata} all-nodata skipped, {self.tiles_resumed} resumed from "
+            f"a previous run, {self.resubmitted_tiles} re-submitted after a lost worker, "
+            f"{self.worker_restarts} worker restarts)",
+            f"  instances: {self.raw_instances} from tiles -> {self.merged_instances} after the seam merge",
+            "  seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in s.items()),
+        ]
+        if self.failed:
+            out.append(f"  INCOMPLETE: {len(self.failed)} tiles failed after retries (col, row, width, height):")
+            out += [f"    window {f['window']}: {f['error']}" for f in self.failed[:20]]
+        return out
+
+
+def predictor_identity(predictor: Callable) -> dict[str, Any]:
+    """What makes a predictor's results reproducible, for the resume fingerprint."""
+    if isinstance(predictor, CheckpointPredictor):
+        stat = os.stat(predictor.checkpoint)
+        return {"checkpoint": os.path.abspath(predictor.checkpoint), "size": stat.st_size,
+                "mtime_ns": stat.st_mtime_ns, "device": predictor.device}
+    try:
+        blob = pickle.dumps(predictor)
+    except Exception:  # not picklable here; Ray will say so with its own message
+        blob = repr(type(predictor)).encode()
+    return {"predictor": f"{type(predictor).__module__}.{type(predictor).__qualname__}",
+            "pickle_sha256": hashlib.sha256(blob).hexdigest()}
+
+
+def class_names_of(predictor: Callable) -> list[str] | None:
+    names = getattr(predictor, "class_names", None)
+    return list(names) if names else None
+
+
+def run_scene(
+    scene: str,
+    output: str | Path,
+    predictor: Callable | None = None,
+    *,
+    checkpoint: str | None = None,
+    config: str | Path | None = None,
+    progress: bool = True,
+    pool: RayPool | None = None,
+    **options: Any,
+) -> RunSummary:
+    """Run the whole pipeline on one scene and write a GeoPackage to `output`.
+
+    `predictor`: any picklable callable taking a list of float32 C x H x W tensors in [0, 1] and returning
+    torchvision Mask R-CNN eval outputs; default: the model in `checkpoint`. `options`: any key of
+    configs/pipeline.yaml (flat names, e.g. tile=256, batch_size=4, iou_threshold=0.6). `pool`: reuse
+    running Ray actors across scenes (the CLI does); by default Ray is started and stopped here.
+    """
+    settings = load_settings(config, settings_overrides(options))
+    r = settings["run"]
+    if predictor is None:
+        checkpoint = checkpoint or r["checkpoint"]
+        if not checkpoint:
+            raise UserError("no model: give --checkpoint model.pt (train one with `python -m pipeline train`) "
+                            "or pass a predictor")
+        predictor = CheckpointPredictor(checkpoint, r["device"])
+    output = Path(output)
+    summary = RunSummary(scene=str(scene), output=str(output))
+    t0 = time.perf_counter()
+
+    info = open_scene(scene)
+    check_output(output, bool(r["overwrite"]))
+    bands = resolve_bands(settings["bands"], info.count)
+    scaling = compute_scaling(scene, info, settings)
+    nodata = settings["nodata"] if settings["nodata"] is not None else info.nodata
+    windows = plan_windows(info.width, info.height, settings["tile"], settings["overlap"])
+    summary.tiles = len(windows)
+    spec = ReadSpec(scene=str(scene), bands=bands, nodata=nodata, scaling=scaling,
+                    score_threshold=float(r["score_threshold"]), mask_threshold=float(r["mask_threshold"]))
+
+    key = fingerprint({"scene": scene_identity(scene), "predictor": predictor_identity(predictor),
+                       "read": spec, "tile": settings["tile"], "overlap": settings["overlap"]})
+    store = TileStore(state_dir(output), key)
+    summary.stale_state_cleared = store.stale
+    results: dict[int, TileResult] = {res.index: res for res in store.saved()}
+    summary.tiles_resumed = len(results)
+    todo = [(i, w) for i, w in enumerate(windows) if i not in results]
+    summary.seconds["plan"] = time.perf_counter() - t0
+
+    t1 = time.perf_counter()
+    failed: dict[int, str] = {}
+    instances_so_far = sum(len(res.instances) for res in results.values())
+    bar = tqdm(total=len(windows), initial=len(results), desc=Path(scene).name, unit="tile", disable=not progress)
+    try:
+        own_pool = pool is None
+        active = RayPool(predictor, settings).__enter__() if own_pool else pool
+        try:
+            if todo:
+                for batch in active.map(spec, todo, int(r["batch_size"])):
+                    for res in batch:
+                        if res.status == "failed":
+                            failed[res.index] = res.error or "unknown error"
+                            continue
+                        store.save(res)
+                        results[res.index] = res
+                        instances_so_far += len(res.instances)
+                    bar.update(len(batch))
+                    bar.set_postfix(instances=instances_so_far)
+            summary.resubmitted_tiles = active.stats.resubmitted_tiles
+            summary.worker_restarts = max(0, len(active.stats.worker_pids) - int(r["workers"]))
+        finally:
+            if own_pool:
+                active.__exit__(None, None, None)
+    except KeyboardInterrupt:
+        bar.close()
+        raise Interrupted(len(results), len(windows), store.directory) from None
+    bar.close()
+    summary.seconds["read+predict"] = time.perf_counter() - t1
+    summary.tiles_nodata = sum(res.status == "nodata" for res in results.values())
+    summary.failed = [{"window": [int(v) for v in (windows[i].col_off, windows[i].row_off, windows[i].width,
+                                                   windows[i].height)], "error": e} for i, e in sorted(failed.items())]
+
+    t2 = time.perf_counter()
+    raw = [inst for i in sorted(results) for inst in results[i].instances]
+    summary.raw_instances = len(raw)
+    merged = merge_instances(raw, float(settings["merge"]["iou_threshold"]), float(settings["merge"]["ios_threshold"]))
+    del raw
+    summary.merged_instances = len(merged)
+    summary.seconds["merge"] = time.perf_counter() - t2
+
+    t3 = time.perf_counter()
+    names = class_names_of(predictor)
+    metadata = {
+        "scene": os.path.abspath(scene) if "://" not in str(scene) and not str(scene).startswith("/vsi") else scene,
+        "checkpoint": getattr(predictor, "checkpoint", None),
+        "predictor": predictor_identity(predictor),
+        "model_config": getattr(predictor, "config", None),
+        "pipeline_config": settings,
+        "tiles": summary.tiles,
+        "failed_windows": summary.failed,
+        "complete": summary.complete,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    with GeoPackageWriter(output, info.crs, layer=r["layer"], metadata=metadata, overwrite=bool(r["overwrite"])) as w:
+        for start in range(0, len(merged), WRITE_BATCH):
+            chunk = merged[start:start + WRITE_BATCH]
+            geoms = [mask_to_geometry(m.mask, m.row, m.col, info.transform, float(r["simplify"])) for m in chunk]
+            labels = [m.label for m in chunk]
+            w.write(geoms, labels, [label_name(names, label) for label in labels], [m.score for m in chunk])
+    summary.seconds["polygonize+write"] = time.perf_counter() - t3
+    if summary.complete:
+        store.remove()
+    return summary
+
+
+def label_name(names: list[str] | None, label: int) -> str:
+    if names and 1 <= label <= len(names):
+        return names[label - 1]
+    return f"class_{label}"
+
+
+def scene_identity(scene: str) -> dict[str, Any]:
+    try:
+        stat = os.stat(scene)
+        return {"path": os.path.abspath(scene), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    except OSError:  # a GDAL virtual path (/vsicurl/, /vsis3/): its name is all we have
+        return {"path": str(scene)}
+
+
+def check_output(output: Path, overwrite: bool) -> None:
+    """Refuse an unusable output before any tile is computed."""
+    directory = output.parent if str(output.parent) else Path(".")
+    if output.suffix.lower() != ".gpkg":
+        raise UserError(f"{output}: the output must be a GeoPackage (.gpkg)")
+    if not directory.is_dir():
+        raise UserError(f"{output}: output directory {directory} does not exist")
+    if not os.access(directory, os.W_OK):
+        raise UserError(f"{output}: output directory {directory} is not writable")
+    if output.exists() and not overwrite:
+        raise UserError(f"{output}: file exists (use --overwrite to replace it)")

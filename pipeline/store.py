@@ -1,0 +1,95 @@
+"""Per-tile results saved beside the output while a run is under way, so an interrupted run resumes.
+
+Each finished window is one small `.npz` (no pickle), written atomically. A manifest holds a fingerprint
+of everything that decides a tile's result (scene, model, reading and threshold options); a store whose
+fingerprint differs is stale and is cleared rather than reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from model.files import atomic_path
+from pipeline.execute import TileResult
+from pipeline.instances import Instance
+
+
+def state_dir(output: str | Path) -> Path:
+    output = Path(output)
+    return output.with_name(f".{output.name}.tiles")
+
+
+def fingerprint(parts: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def encode(result: TileResult) -> dict[str, np.ndarray]:
+    inst = result.instances
+    shapes = np.array([m.mask.shape for m in inst], dtype=np.int64).reshape(-1, 2)
+    bits = np.concatenate([m.mask.ravel() for m in inst]) if inst else np.zeros(0, dtype=bool)
+    return {
+        "index": np.int64(result.index),
+        "status": np.array(result.status),
+        "origin": np.array([(m.row, m.col) for m in inst], dtype=np.int64).reshape(-1, 2),
+        "shapes": shapes,
+        "scores": np.array([m.score for m in inst], dtype=np.float64),
+        "labels": np.array([m.label for m in inst], dtype=np.int64),
+        "windows": np.array([m.window for m in inst], dtype=np.int64).reshape(-1, 4),
+        "bits": np.packbits(bits),
+    }
+
+
+def decode(data: Any) -> TileResult:
+    shapes = data["shapes"]
+    sizes = shapes[:, 0] * shapes[:, 1]
+    bits = np.unpackbits(data["bits"], count=int(sizes.sum())).astype(bool)
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    instances = [
+        Instance(row=int(r), col=int(c), mask=bits[starts[i]:starts[i + 1]].reshape(shapes[i]),
+                 score=float(data["scores"][i]), label=int(data["labels"][i]),
+                 window=tuple(int(v) for v in data["windows"][i]))
+        for i, (r, c) in enumerate(data["origin"])
+    ]
+    return TileResult(int(data["index"]), str(data["status"]), instances)
+
+
+class TileStore:
+    def __init__(self, directory: Path, key: str):
+        self.directory = directory
+        self.stale = False
+        manifest = directory / "manifest.json"
+        if directory.exists():
+            try:
+                saved = json.loads(manifest.read_text()).get("fingerprint")
+            except (OSError, ValueError):
+                saved = None
+            if saved != key:
+                self.stale = True
+                shutil.rmtree(directory)
+        if not directory.exists():
+            directory.mkdir(parents=True)
+            with atomic_path(manifest) as tmp:
+                tmp.write_text(json.dumps({"fingerprint": key}))
+
+    def saved(self) -> Iterator[TileResult]:
+        for path in sorted(self.directory.glob("tile-*.npz")):
+            try:
+                with np.load(path, allow_pickle=False) as data:
+                    yield decode(data)
+            except (OSError, ValueError, KeyError):
+                path.unlink(missing_ok=True)  # damaged by a crash mid-write: that tile simply runs again
+
+    def save(self, result: TileResult) -> None:
+        with atomic_path(self.directory / f"tile-{result.index:08d}.npz") as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, **encode(result))
+
+    def remove(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
