@@ -165,7 +165,8 @@ def train(config: dict[str, Any], options: TrainOptions) -> dict[str, Any]:
             data.epoch = epoch
             order = epoch_order(len(tiles), options.seed, epoch)[offset * batch_size:]
             loader = DataLoader(data, batch_size=batch_size, sampler=order, collate_fn=collate,
-                                num_workers=int(config["train"]["num_workers"]))
+                                num_workers=int(config["train"]["num_workers"]),
+                                generator=torch.Generator())  # keep the global RNG for the model only
             for images, targets in loader:
                 t0 = time.perf_counter()
                 images = [img.to(device, non_blocking=True) for img in images]

@@ -1,13 +1,16 @@
 """Ray execution: actors that read their own windows, run the predictor and return compact instances.
 
 The driver never reads the scene. It keeps at most `batches_in_flight` batches queued per actor, so memory
-is bounded by tile size x batch x in-flight work whatever the scene size. A batch whose actor dies (killed
-process, lost node) is re-submitted; the actor itself is restarted by Ray.
+is bounded by tile size x batch x in-flight work whatever the scene size. When an actor dies (killed
+process, lost node) the pool replaces it with a fresh one and re-submits its batches; a batch is tried
+`MAX_ATTEMPTS` times before its windows are reported as failed.
 """
 
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,7 +44,6 @@ class TileResult:
     status: str  # "ok" | "nodata" | "failed"
     instances: list[Instance] = field(default_factory=list)
     error: str | None = None
-    pid: int = 0  # the worker process that produced it (restarts show up as new pids)
 
 
 def to_tensor(raw: np.ndarray, valid: np.ndarray, scaling: Scaling) -> torch.Tensor:
@@ -57,9 +59,6 @@ class TileWorker:
         torch.set_num_threads(max(1, int(threads)))
         self.predictor = predictor
 
-    def pid(self) -> int:
-        return os.getpid()
-
     def process(self, spec: ReadSpec, windows: list[tuple[int, Window]]) -> list[TileResult]:
         results: list[TileResult] = []
         images, valids, kept = [], [], []
@@ -67,10 +66,10 @@ class TileWorker:
             try:
                 raw, valid = read_window(spec.scene, window, spec.bands, spec.nodata)
             except Exception as exc:  # a corrupt block fails its window, not the run
-                results.append(TileResult(index, "failed", error=f"{type(exc).__name__}: {exc}", pid=os.getpid()))
+                results.append(TileResult(index, "failed", error=f"{type(exc).__name__}: {exc}"))
                 continue
             if not valid.any():
-                results.append(TileResult(index, "nodata", pid=os.getpid()))
+                results.append(TileResult(index, "nodata"))
                 continue
             images.append(to_tensor(raw, valid, spec.scaling))
             valids.append(valid)
@@ -87,7 +86,7 @@ class TileWorker:
                     mask_threshold=spec.mask_threshold,
                     score_threshold=spec.score_threshold,
                 )
-                results.append(TileResult(index, "ok", instances, pid=os.getpid()))
+                results.append(TileResult(index, "ok", instances))
         return sorted(results, key=lambda r: r.index)
 
 
@@ -95,7 +94,7 @@ class TileWorker:
 class PoolStats:
     resubmitted_batches: int = 0
     resubmitted_tiles: int = 0
-    worker_pids: set[int] = field(default_factory=set)
+    replaced_workers: int = 0
 
 
 class RayPool:
@@ -112,6 +111,8 @@ class RayPool:
         import ray
 
         r = self.run
+        # Ray installs a fatal SIGTERM handler of its own; keep the caller's (SIGTERM = save and stop).
+        previous = signal.getsignal(signal.SIGTERM)
         if not ray.is_initialized():
             if r["ray_address"]:
                 try:
@@ -122,10 +123,12 @@ class RayPool:
                 ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
                          configure_logging=False)
             self.started_ray = True
+            if callable(previous) and threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGTERM, previous)
         total_cpus = float(ray.cluster_resources().get("CPU", 1.0))
         workers = int(r["workers"])
         threads = int(r["threads_per_worker"] or max(1, int(total_cpus // workers)))
-        options: dict[str, Any] = {"max_restarts": MAX_ATTEMPTS, "max_task_retries": 0}
+        options: dict[str, Any] = {"max_restarts": 0, "max_task_retries": 0}  # the pool replaces lost actors
         if r["device"] == "cuda":
             gpus = float(ray.cluster_resources().get("GPU", 0.0))
             if gpus < float(r["gpus_per_worker"]):
@@ -134,9 +137,13 @@ class RayPool:
             options.update(num_gpus=float(r["gpus_per_worker"]), num_cpus=1)
         else:
             options.update(num_cpus=min(float(threads), total_cpus / workers))
-        actor_class = ray.remote(TileWorker).options(**options)
-        self.actors = [actor_class.remote(self.predictor, threads) for _ in range(workers)]
+        self.actor_class = ray.remote(TileWorker).options(**options)
+        self.threads = threads
+        self.actors = [self.spawn() for _ in range(workers)]
         return self
+
+    def spawn(self) -> Any:
+        return self.actor_class.remote(self.predictor, self.threads)
 
     def __exit__(self, *exc_info: Any) -> None:
         import ray
@@ -154,7 +161,7 @@ class RayPool:
         batches = [windows[i:i + batch_size] for i in range(0, len(windows), batch_size)]
         queue = [(batch, 0) for batch in reversed(batches)]  # (windows, attempts so far); pop() from the end
         spec_ref = ray.put(spec)
-        pending: dict[Any, tuple[int, list[tuple[int, Window]], int]] = {}
+        pending: dict[Any, tuple[int, Any, list[tuple[int, Window]], int]] = {}
         load = [0] * len(self.actors)
         limit = int(self.run["batches_in_flight"])
 
@@ -164,18 +171,23 @@ class RayPool:
                 if load[slot] >= limit:
                     return
                 batch, attempts = queue.pop()
-                pending[self.actors[slot].process.remote(spec_ref, batch)] = (slot, batch, attempts)
+                actor = self.actors[slot]
+                pending[actor.process.remote(spec_ref, batch)] = (slot, actor, batch, attempts)
                 load[slot] += 1
 
         submit()
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
-            slot, batch, attempts = pending.pop(done[0])
+            slot, actor, batch, attempts = pending.pop(done[0])
             load[slot] -= 1
             try:
                 results = ray.get(done[0])
             except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError,
                     ray.exceptions.ObjectLostError) as exc:
+                if self.actors[slot] is actor:  # first news of this loss: replace the actor
+                    ray.kill(actor)
+                    self.actors[slot] = self.spawn()
+                    self.stats.replaced_workers += 1
                 if attempts + 1 < MAX_ATTEMPTS:
                     self.stats.resubmitted_batches += 1
                     self.stats.resubmitted_tiles += len(batch)
@@ -188,6 +200,5 @@ class RayPool:
                 cause = exc.cause if getattr(exc, "cause", None) is not None else exc
                 reason = f"{type(cause).__name__}: {str(cause).strip().splitlines()[-1] if str(cause).strip() else ''}"
                 results = [TileResult(index, "failed", error=reason) for index, _ in batch]
-            self.stats.worker_pids.update(r.pid for r in results if r.pid)
             submit()
             yield results

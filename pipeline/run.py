@@ -61,7 +61,7 @@ class RunSummary:
             f"{self.scene} -> {self.output}",
             f"  tiles: {self.tiles} ({self.tiles_nodata} all-nodata skipped, {self.tiles_resumed} resumed from "
             f"a previous run, {self.resubmitted_tiles} re-submitted after a lost worker, "
-            f"{self.worker_restarts} worker restarts)",
+            f"{self.worker_restarts} lost workers replaced)",
             f"  instances: {self.raw_instances} from tiles -> {self.merged_instances} after the seam merge",
             "  seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in s.items()),
         ]
@@ -159,7 +159,7 @@ def run_scene(
                     bar.update(len(batch))
                     bar.set_postfix(instances=instances_so_far)
             summary.resubmitted_tiles = active.stats.resubmitted_tiles
-            summary.worker_restarts = max(0, len(active.stats.worker_pids) - int(r["workers"]))
+            summary.worker_restarts = active.stats.replaced_workers
         finally:
             if own_pool:
                 active.__exit__(None, None, None)

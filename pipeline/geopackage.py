@@ -1,0 +1,70 @@
+"""GeoPackage output: one layer of instance polygons, streamed in batches, appearing only when complete."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import geopandas as gpd
+import numpy as np
+import pyogrio
+import shapely
+from pyproj import CRS, Geod
+
+from model.files import atomic_path
+
+
+def areas_m2(geoms: Sequence[Any], crs: CRS | str) -> np.ndarray:
+    """True areas in square metres: planar times the unit's square in a projected CRS, geodesic on the CRS's
+    ellipsoid in a geographic one (degrees have no area)."""
+    crs = CRS.from_user_input(crs)
+    if crs.is_geographic:
+        geod = crs.get_geod() or Geod(ellps="WGS84")
+        return np.array([abs(geod.geometry_area_perimeter(g)[0]) for g in geoms], dtype=np.float64)
+    factor = crs.axis_info[0].unit_conversion_factor if crs.axis_info else 1.0
+    return shapely.area(np.asarray(geoms, dtype=object)).astype(np.float64) * factor**2
+
+
+class GeoPackageWriter:
+    """`with GeoPackageWriter(path, crs, ...) as w: w.write(...)`; the file is renamed into place on success.
+
+    On any error the temporary file is removed and a previous file at `path` stays as it was.
+    """
+
+    def __init__(self, path: str | Path, crs: str, layer: str = "instances",
+                 metadata: dict[str, Any] | None = None, overwrite: bool = False):
+        self.path, self.crs, self.layer = Path(path), CRS.from_user_input(crs), layer
+        self.metadata = {"aerial_seg_run": json.dumps(metadata or {}, default=str)}
+        self.overwrite = overwrite
+        self.count = 0
+
+    def __enter__(self) -> "GeoPackageWriter":
+        self._atomic = atomic_path(self.path, overwrite=self.overwrite)
+        self.tmp = self._atomic.__enter__()
+        return self
+
+    def write(self, geoms: Sequence[Any], class_ids: Sequence[int], class_names: Sequence[str],
+              scores: Sequence[float]) -> None:
+        frame = gpd.GeoDataFrame(
+            {
+                "class_name": np.asarray(class_names, dtype=object),
+                "class_id": np.asarray(class_ids, dtype=np.int32),
+                "score": np.asarray(scores, dtype=np.float32),
+                "area_m2": areas_m2(geoms, self.crs),
+            },
+            geometry=gpd.GeoSeries(list(geoms), crs=self.crs),
+        )
+        first = self.count == 0 and not self.tmp.exists()
+        pyogrio.write_dataframe(
+            frame, self.tmp, layer=self.layer, driver="GPKG", append=not first, promote_to_multi=True,
+            geometry_type="MultiPolygon",
+            **({"layer_metadata": self.metadata} if first else {}),
+        )
+        self.count += len(frame)
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None and not self.tmp.exists():
+            self.write([], [], [], [])  # a valid, empty layer with its schema
+        return bool(self._atomic.__exit__(exc_type, exc, tb))

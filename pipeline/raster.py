@@ -1,0 +1,169 @@
+"""The one module that opens scenes: validation, band mapping, windowed reads and scaling to [0, 1].
+
+Scaling rule (the README quotes it): uint8 data is divided by 255. Any other data type (uint16, int16,
+float) is stretched per band between the 2nd and 98th percentiles (`percentiles`) of the scene's valid
+pixels, measured on a decimated read of the whole scene (at most 1024 px on the long side; GDAL uses
+overviews when the file has them), so the driver never reads the full scene and every tile of a scene is
+scaled alike. `scaling: range` with `value_range` fixes the same mapping for every scene.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import rasterio
+from affine import Affine
+from rasterio.errors import NotGeoreferencedWarning, RasterioError
+from rasterio.windows import Window
+
+from model.errors import UserError
+from pipeline.windows import valid_region
+
+SAMPLE_SIDE = 1024  # long side of the decimated read used for percentile statistics
+
+
+@dataclass(frozen=True)
+class SceneInfo:
+    path: str
+    width: int
+    height: int
+    count: int
+    dtype: str
+    crs: str  # WKT
+    transform: Affine
+    nodata: float | None
+
+
+@dataclass(frozen=True)
+class Scaling:
+    """value -> clip((value - low) / (high - low), 0, 1), per output channel."""
+
+    low: tuple[float, ...]
+    high: tuple[float, ...]
+
+
+def is_virtual(path: str) -> bool:
+    return str(path).startswith("/vsi") or "://" in str(path)
+
+
+def open_scene(path: str) -> SceneInfo:
+    """Metadata of a scene, or a one-line UserError naming the file and the problem."""
+    path = str(path)
+    if not is_virtual(path) and not os.path.exists(path):
+        raise UserError(f"{path}: scene not found")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            src = rasterio.open(path)
+        with src:
+            if src.count == 0:
+                raise UserError(f"{path}: the raster has no bands")
+            if src.crs is None:
+                raise UserError(f"{path}: the scene has no CRS (assign one, e.g. gdal_edit.py -a_srs EPSG:XXXX)")
+            if src.transform == Affine.identity() and not src.gcps[0]:
+                raise UserError(f"{path}: the scene has no geotransform (it is not georeferenced)")
+            check_not_truncated(src, path)
+            return SceneInfo(path=path, width=src.width, height=src.height, count=src.count,
+                             dtype=src.dtypes[0], crs=src.crs.to_wkt(), transform=src.transform,
+                             nodata=src.nodata)
+    except RasterioError as exc:
+        raise UserError(f"{path}: not a readable raster ({first_line(exc)})") from None
+
+
+def check_not_truncated(src: rasterio.DatasetReader, path: str) -> None:
+    """A cut-off local GeoTIFF opens fine and fails only when a late block is read; catch it up front by
+    checking that the last block of every band lies inside the file."""
+    if src.driver != "GTiff" or is_virtual(path):
+        return
+    size = os.path.getsize(path)
+    block_h, block_w = src.block_shapes[0]
+    last = f"{math.ceil(src.width / block_w) - 1}_{math.ceil(src.height / block_h) - 1}"
+    for band in range(1, src.count + 1):
+        offset = src.get_tag_item(f"BLOCK_OFFSET_{last}", "TIFF", bidx=band)
+        nbytes = src.get_tag_item(f"BLOCK_SIZE_{last}", "TIFF", bidx=band)
+        if offset and nbytes and int(offset) + int(nbytes) > size:
+            raise UserError(f"{path}: the file is truncated (its last block ends past the end of the file)")
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def resolve_bands(bands: list[int] | None, count: int) -> list[int]:
+    """The three 1-based scene bands feeding the model's RGB channels."""
+    if bands is None:
+        if count >= 3:
+            return [1, 2, 3]
+        if count == 1:
+            return [1, 1, 1]
+        raise UserError(f"the scene has {count} bands; say which feed the model's 3 channels with "
+                        f"--bands (e.g. --bands 1,2,1)")
+    bad = [b for b in bands if not 1 <= b <= count]
+    if bad:
+        raise UserError(f"bands {bad} do not exist: the scene has bands 1..{count}")
+    return list(bands)
+
+
+def compute_scaling(path: str, info: SceneInfo, settings: dict[str, Any]) -> Scaling:
+    """The scene's value -> [0, 1] mapping, per output channel (see the module docstring)."""
+    bands = resolve_bands(settings["bands"], info.count)
+    mode = settings["scaling"]
+    if mode == "auto":
+        mode = "divide255" if info.dtype == "uint8" else "percentile"
+    if mode == "divide255":
+        return Scaling(low=(0.0,) * len(bands), high=(255.0,) * len(bands))
+    if mode == "range":
+        low, high = (float(v) for v in settings["value_range"])
+        return Scaling(low=(low,) * len(bands), high=(high,) * len(bands))
+    nodata = settings["nodata"] if settings["nodata"] is not None else info.nodata
+    scale = min(1.0, SAMPLE_SIDE / max(info.width, info.height))
+    shape = (max(1, round(info.height * scale)), max(1, round(info.width * scale)))
+    unique = sorted(set(bands))
+    try:
+        with rasterio.open(path) as src:
+            sample = src.read(unique, out_shape=(len(unique), *shape)).astype(np.float64)
+    except RasterioError as exc:
+        raise UserError(f"{path}: cannot read the scene for its value statistics ({first_line(exc)})") from None
+    p_low, p_high = settings["percentiles"]
+    lows, highs = {}, {}
+    for i, band in enumerate(unique):
+        values = sample[i]
+        values = values[np.isfinite(values)]
+        if nodata is not None:
+            values = values[values != nodata]
+        if values.size == 0:
+            lows[band], highs[band] = 0.0, 1.0
+            continue
+        lo, hi = np.percentile(values, [p_low, p_high])
+        lows[band], highs[band] = float(lo), float(hi if hi > lo else lo + 1.0)
+    return Scaling(low=tuple(lows[b] for b in bands), high=tuple(highs[b] for b in bands))
+
+
+def read_window(path: str, window: Window, bands: list[int], nodata: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """Raw C x H x W values of a full-size window (padded past the scene edge) and a bool `valid` mask that is
+    False over padding and over pixels that are nodata in every band read."""
+    with rasterio.open(path) as src:
+        unique = sorted(set(bands))
+        fill = nodata if nodata is not None else 0
+        data = src.read(unique, window=window, boundless=True, fill_value=fill)
+        valid = valid_region(window, src.width, src.height)
+    raw = data[[unique.index(b) for b in bands]]
+    if nodata is not None:
+        valid &= ~np.all(data == nodata, axis=0) if not np.isnan(nodata) else ~np.all(np.isnan(data), axis=0)
+    return raw, valid
+
+
+def normalize(raw: np.ndarray, scaling: Scaling) -> np.ndarray:
+    """float32 C x H x W in [0, 1]; the caller zeroes invalid pixels (it owns the valid mask)."""
+    low = np.asarray(scaling.low, dtype=np.float32)[:, None, None]
+    span = (np.asarray(scaling.high, dtype=np.float32) - np.asarray(scaling.low, dtype=np.float32))[:, None, None]
+    out = (raw.astype(np.float32) - low) / span
+    np.clip(out, 0.0, 1.0, out=out)
+    np.nan_to_num(out, copy=False, nan=0.0)
+    return out

@@ -1,0 +1,52 @@
+"""Peak resident memory (driver + Ray workers) of `run` on generated 5 000^2 and 20 000^2 px scenes with a
+cheap predictor: memory must not grow with the scene.
+
+    python tests/benchmarks/bench_memory.py [--sizes 5000 20000] [--workdir /tmp/bench]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import ray
+
+from pipeline.run import run_scene
+from tests.benchmarks.common import BrightSquares, PeakMemory, generate_scene, machine
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sizes", type=int, nargs="+", default=[5000, 20000])
+    parser.add_argument("--workdir", default="/tmp/aerial-bench")
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args()
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"machine: {machine()}")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        results = {}
+        for size in args.sizes:
+            t = time.perf_counter()
+            scene = generate_scene(work / f"scene_{size}.tif", size)
+            print(f"scene {size}^2 ready ({time.perf_counter() - t:.0f} s)")
+            out = work / f"out_{size}.gpkg"
+            with PeakMemory() as mem:
+                t = time.perf_counter()
+                summary = run_scene(str(scene), out, predictor=BrightSquares(), tile=512, overlap=64,
+                                    batch_size=4, workers=args.workers, threads_per_worker=1, overwrite=True)
+                seconds = time.perf_counter() - t
+            results[size] = mem.peak
+            print(f"{size}^2 px: {summary.tiles} tiles, {summary.merged_instances} instances, {seconds:.0f} s, "
+                  f"peak RSS driver+workers {mem.peak / 2**20:.0f} MiB")
+        if len(results) > 1:
+            small, large = min(results), max(results)
+            print(f"ratio {large}^2 / {small}^2 peak memory: {results[large] / results[small]:.2f}")
+    finally:
+        ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""Pipeline overhead: `run` (Ray actor, windowed reads, normalize, merge, polygonize, write) against a plain
+loop of model forwards over the same tiles, same model, same batch size, same threads. Also tiles/s with 1
+and 2 workers (threads per worker = cores / workers).
+
+    python tests/benchmarks/bench_overhead.py [--size 1536] [--backbone swin_t] [--batch-size 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+import ray
+import torch
+
+from model.builder import build_model
+from model.checkpoint import save_checkpoint
+from model.config import load_config
+from pipeline.predict import CheckpointPredictor
+from pipeline.raster import compute_scaling, normalize, open_scene, read_window, resolve_bands
+from pipeline.run import run_scene
+from pipeline.settings import load_settings
+from pipeline.windows import plan_windows
+from tests.benchmarks.common import generate_scene, machine
+
+
+def plain_loop(scene: str, checkpoint: str, tile: int, overlap: int, batch_size: int, threads: int) -> float:
+    """What a user would write by hand: read every window, forward in batches. Returns seconds."""
+    torch.set_num_threads(threads)
+    predictor = CheckpointPredictor(checkpoint)
+    predictor.load()
+    info = open_scene(scene)
+    settings = load_settings(overrides={"tile": tile, "overlap": overlap})
+    scaling = compute_scaling(scene, info, settings)
+    bands = resolve_bands(None, info.count)
+    windows = plan_windows(info.width, info.height, tile, overlap)
+    t = time.perf_counter()
+    for start in range(0, len(windows), batch_size):
+        batch = []
+        for window in windows[start:start + batch_size]:
+            raw, _ = read_window(scene, window, bands, info.nodata)
+            batch.append(torch.from_numpy(normalize(raw, scaling)))
+        predictor(batch)
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--size", type=int, default=1536)
+    parser.add_argument("--tile", type=int, default=512)
+    parser.add_argument("--overlap", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--backbone", default="swin_t")
+    parser.add_argument("--workdir", default="/tmp/aerial-bench")
+    args = parser.parse_args()
+    work = Path(args.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    cores = os.cpu_count() or 1
+    print(f"machine: {machine()}")
+    scene = str(generate_scene(work / f"scene_{args.size}.tif", args.size))
+    torch.manual_seed(0)
+    config = load_config(overrides={"classes": ["square"], "model": {"backbone": {"name": args.backbone}}})
+    checkpoint = work / f"{args.backbone}_random.pt"
+    save_checkpoint(checkpoint, build_model(config), config, ["square"])
+
+    plain = plain_loop(scene, str(checkpoint), args.tile, args.overlap, args.batch_size, cores)
+    n_tiles = len(plan_windows(args.size, args.size, args.tile, args.overlap))
+    print(f"plain loop: {n_tiles} tiles in {plain:.1f} s ({n_tiles / plain:.2f} tiles/s)")
+
+    ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        timings = {}
+        for workers in (1, 2):
+            t = time.perf_counter()
+            summary = run_scene(scene, work / f"overhead_{workers}.gpkg", checkpoint=str(checkpoint),
+                                tile=args.tile, overlap=args.overlap, batch_size=args.batch_size, workers=workers,
+                                threads_per_worker=max(1, cores // workers), overwrite=True, progress=False)
+            timings[workers] = time.perf_counter() - t
+            print(f"run, {workers} worker(s): {timings[workers]:.1f} s ({n_tiles / timings[workers]:.2f} tiles/s); "
+                  f"stages: " + ", ".join(f"{k} {v:.1f}" for k, v in summary.seconds.items()))
+        print(f"overhead ratio run(1 worker, {cores} threads) / plain loop: {timings[1] / plain:.3f}")
+        print(f"scaling tiles/s 2 workers / 1 worker: {timings[1] / timings[2]:.2f}")
+    finally:
+        ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()

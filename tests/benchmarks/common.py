@@ -1,0 +1,92 @@
+"""Shared pieces of the benchmarks: generated scenes, a cheap predictor, peak-memory sampling."""
+
+from __future__ import annotations
+
+import os
+import platform
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import rasterio
+import torch
+from affine import Affine
+
+
+def machine() -> str:
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, " \
+           f"{psutil.virtual_memory().total / 2**30:.0f} GiB, torch {torch.__version__}, {platform.python_version()}"
+
+
+def generate_scene(path: Path, size: int, block: int = 512, seed: int = 0) -> Path:
+    """A tiled, deflate-compressed RGB GeoTIFF of `size` x `size` px with bright squares, written block by
+    block so generating a 20 000 px scene never holds it in memory."""
+    if path.exists():
+        return path
+    rng = np.random.default_rng(seed)
+    profile = dict(driver="GTiff", width=size, height=size, count=3, dtype="uint8", crs="EPSG:32616",
+                   transform=Affine(0.5, 0, 500000, 0, -0.5, 4000000), tiled=True, blockxsize=512,
+                   blockysize=512, compress="deflate")
+    tmp = path.with_suffix(".partial.tif")
+    with rasterio.open(tmp, "w", **profile) as dst:
+        for row in range(0, size, block):
+            for col in range(0, size, block):
+                h, w = min(block, size - row), min(block, size - col)
+                data = rng.integers(40, 90, (3, h, w), dtype=np.uint8)
+                for _ in range(4):
+                    y, x = rng.integers(0, max(h - 40, 1)), rng.integers(0, max(w - 40, 1))
+                    data[:, y:y + 30, x:x + 30] = 230
+                dst.write(data, window=rasterio.windows.Window(col, row, w, h))
+    tmp.rename(path)
+    return path
+
+
+class BrightSquares:
+    """A cheap predictor: thresholds the first channel and returns one instance per tile's bright region."""
+
+    class_names = ["square"]
+
+    def __call__(self, images):
+        out = []
+        for image in images:
+            mask = (image[0] > 0.8).float()
+            if mask.any():
+                rows, cols = torch.nonzero(mask, as_tuple=True)
+                boxes = torch.tensor([[cols.min(), rows.min(), cols.max() + 1, rows.max() + 1]], dtype=torch.float32)
+                out.append({"boxes": boxes, "labels": torch.tensor([1]), "scores": torch.tensor([0.9]),
+                            "masks": mask[None, None]})
+            else:
+                out.append({"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64),
+                            "scores": torch.zeros(0), "masks": torch.zeros(0, 1, *image.shape[1:])})
+        return out
+
+
+class PeakMemory:
+    """Samples the resident memory of this process plus every Ray worker process (`ray::...`), summed."""
+
+    def __init__(self, interval: float = 0.1):
+        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+
+    def sample(self) -> int:
+        total = psutil.Process().memory_info().rss
+        for proc in psutil.process_iter(["cmdline", "memory_info"]):
+            cmd = proc.info["cmdline"] or []
+            if cmd and cmd[0].startswith("ray::") and proc.info["memory_info"]:
+                total += proc.info["memory_info"].rss
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.sample())
+            time.sleep(self.interval)
+
+    def __enter__(self) -> "PeakMemory":
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()

@@ -1,0 +1,224 @@
+"""Reliability of `run`: a killed worker, Ctrl-C and resume, stale state, bad input through the CLI."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import geopandas as gpd
+import numpy as np
+import pytest
+import rasterio
+from affine import Affine
+
+from pipeline.cli import main
+from pipeline.run import run_scene
+from pipeline.store import state_dir
+from tests.oracle import OraclePredictor, paint_objects, write_scene
+
+TILE, OVERLAP = 128, 32
+UTM = ("EPSG:32616", Affine(0.5, 0, 733600.0, 0, -0.5, 3725140.0))
+REPO = Path(__file__).resolve().parents[1]
+
+
+class SlowOracle(OraclePredictor):
+    """The oracle, slowed down so a test can kill or interrupt it mid-run; it records worker pids."""
+
+    def __init__(self, seconds: float, pid_dir: str):
+        self.seconds, self.pid_dir = seconds, pid_dir
+
+    def __call__(self, images):
+        Path(self.pid_dir, str(os.getpid())).touch()
+        time.sleep(self.seconds)
+        return super().__call__(images)
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def scene(tmp_path) -> Path:
+    ids, classes = paint_objects(260, 300, TILE, OVERLAP)
+    path = tmp_path / "scene.tif"
+    write_scene(path, ids, classes, *UTM)
+    return path
+
+
+def features(path: Path) -> list[tuple]:
+    frame = gpd.read_file(path)
+    return sorted((r.class_id, round(r.score, 5), round(r.area_m2, 3), r.geometry.normalize().wkb_hex)
+                  for r in frame.itertuples())
+
+
+def test_killed_worker_gives_the_same_output(tmp_path, scene, ray_session):
+    reference = tmp_path / "reference.gpkg"
+    run_scene(str(scene), reference, predictor=OraclePredictor(), tile=TILE, overlap=OVERLAP,
+              scaling="divide255", progress=False)
+
+    pid_dir = tmp_path / "pids"
+    pid_dir.mkdir()
+    killed = []
+
+    def kill_first_worker():
+        deadline = time.time() + 60
+        while time.time() < deadline and not any(pid_dir.iterdir()):
+            time.sleep(0.05)
+        pid = int(next(pid_dir.iterdir()).name)
+        os.kill(pid, signal.SIGKILL)
+        killed.append(pid)
+
+    killer = threading.Thread(target=kill_first_worker)
+    killer.start()
+    out = tmp_path / "out.gpkg"
+    summary = run_scene(str(scene), out, predictor=SlowOracle(0.5, str(pid_dir)), tile=TILE, overlap=OVERLAP,
+                        scaling="divide255", batch_size=1, workers=2, threads_per_worker=1, progress=False)
+    killer.join()
+    assert killed
+    assert summary.complete and summary.resubmitted_tiles >= 1, summary.failed
+    assert features(out) == features(reference)
+
+
+INTERRUPTIBLE = textwrap.dedent("""
+    import signal, sys
+    sys.path.insert(0, {repo!r})
+    from tests.test_reliability import SlowOracle
+    from pipeline.cli import _raise_interrupt
+    from pipeline.run import run_scene, Interrupted
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        run_scene({scene!r}, {out!r}, predictor=SlowOracle({seconds}, {pids!r}), tile={tile}, overlap={overlap},
+                  scaling="divide255", batch_size=1, workers=1, progress=False)
+    except Interrupted as exc:
+        print(exc, file=sys.stderr)
+        sys.exit(130)
+""")
+
+
+def test_sigterm_then_rerun_resumes_to_the_same_output(tmp_path, scene, ray_session):
+    reference = tmp_path / "reference.gpkg"
+    run_scene(str(scene), reference, predictor=OraclePredictor(), tile=TILE, overlap=OVERLAP,
+              scaling="divide255", progress=False)
+    out = tmp_path / "out.gpkg"
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    script = INTERRUPTIBLE.format(repo=str(REPO), scene=str(scene), out=str(out), seconds=0.4, pids=str(pids),
+                                  tile=TILE, overlap=OVERLAP)
+    proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
+    store = state_dir(out)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(store.glob("tile-*.npz"))) < 2 and proc.poll() is None:
+        time.sleep(0.1)
+    t_signal = time.time()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert time.time() - t_signal < 15
+    assert proc.returncode == 130, err
+    assert "tiles saved" in err and not out.exists()
+    saved = len(list(store.glob("tile-*.npz")))
+    assert saved >= 2
+
+    summary = run_scene(str(scene), out, predictor=SlowOracle(0.4, str(pids)), tile=TILE, overlap=OVERLAP,
+                        scaling="divide255", batch_size=1, workers=1, progress=False)
+    assert summary.tiles_resumed == saved and not summary.stale_state_cleared
+    assert features(out) == features(reference)
+    assert not store.exists()  # a complete run leaves nothing behind
+
+
+def test_saved_tiles_of_another_model_or_scene_are_stale(tmp_path, scene):
+    from pipeline.execute import TileResult
+    from pipeline.instances import Instance
+    from pipeline.store import TileStore
+
+    directory = tmp_path / "state"
+    store = TileStore(directory, "key-1")
+    mask = np.array([[True, False], [True, True]])
+    store.save(TileResult(3, "ok", [Instance(row=5, col=7, mask=mask, score=0.5, label=2, window=(0, 0, 64, 64))]))
+    (saved,) = TileStore(directory, "key-1").saved()
+    assert saved.index == 3 and np.array_equal(saved.instances[0].mask, mask)
+    assert saved.instances[0].window == (0, 0, 64, 64) and saved.instances[0].label == 2
+    fresh = TileStore(directory, "key-2")
+    assert fresh.stale and list(fresh.saved()) == []
+
+
+def write_raster(path: Path, **profile) -> None:
+    base = dict(driver="GTiff", width=64, height=64, count=1, dtype="uint8", crs="EPSG:32616",
+                transform=Affine(1, 0, 500000, 0, -1, 4000000))
+    base.update(profile)
+    data = np.zeros((base["count"], base["height"], base["width"]), dtype=base["dtype"])
+    with rasterio.open(path, "w", **base) as dst:
+        dst.write(data)
+
+
+def cli(args: list[str], capsys) -> tuple[int, str]:
+    code = main(args)
+    err = capsys.readouterr().err
+    return code, err
+
+
+def test_bad_inputs_get_one_line_and_no_output(tmp_path, capsys):
+    out = tmp_path / "out.gpkg"
+    ckpt = tmp_path / "model.pt"
+    code, err = cli(["run", str(tmp_path / "missing.tif"), "-o", str(out)], capsys)
+    assert code == 2 and "--checkpoint" in err and len(err.strip().splitlines()) == 1
+
+    code, err = cli(["run", str(tmp_path / "x.tif"), "--checkpoint", str(ckpt), "-o", str(out)], capsys)
+    assert code == 2 and "model.pt" in err and "not found" in err and len(err.strip().splitlines()) == 1
+
+    code, err = cli(["run", "x.tif", "--checkpoint", str(ckpt), "--tile", "64", "--overlap", "64"], capsys)
+    assert code == 2 and "overlap" in err
+    code, err = cli(["run", "x.tif", "--checkpoint", str(ckpt), "--batch-size", "-3"], capsys)
+    assert code == 2 and "batch_size" in err
+    assert not out.exists()
+
+
+def test_bad_scenes_are_refused_before_any_work(tmp_path, ray_session):
+    text = tmp_path / "notes.tif"
+    text.write_text("this is not a GeoTIFF")
+    nocrs = tmp_path / "nocrs.tif"
+    write_raster(nocrs, crs=None)
+    truncated = tmp_path / "truncated.tif"
+    write_raster(truncated, width=256, height=256)
+    truncated.write_bytes(truncated.read_bytes()[:3000])
+    from model.errors import UserError
+
+    for scene, pattern in [(tmp_path / "missing.tif", "missing.tif"), (text, "notes.tif"),
+                           (nocrs, "nocrs.tif"), (truncated, "truncated.tif")]:
+        out = tmp_path / f"{scene.stem}.gpkg"
+        with pytest.raises(UserError, match=pattern):
+            run_scene(str(scene), out, predictor=OraclePredictor(), progress=False)
+        assert not out.exists() and not state_dir(out).exists()
+
+
+def test_existing_output_is_refused_without_overwrite(tmp_path, scene, ray_session):
+    out = tmp_path / "out.gpkg"
+    out.write_text("previous result")
+    from model.errors import UserError
+
+    with pytest.raises(UserError, match="exists"):
+        run_scene(str(scene), out, predictor=OraclePredictor(), tile=TILE, overlap=OVERLAP, progress=False)
+    assert out.read_text() == "previous result"
+    run_scene(str(scene), out, predictor=OraclePredictor(), tile=TILE, overlap=OVERLAP, scaling="divide255",
+              overwrite=True, progress=False)
+    assert len(gpd.read_file(out)) > 0
+
+
+def test_all_nodata_scene_gives_a_valid_empty_layer(tmp_path, ray_session):
+    scene = tmp_path / "empty.tif"
+    write_raster(scene, count=3, nodata=0, width=200, height=150)
+    out = tmp_path / "empty.gpkg"
+    summary = run_scene(str(scene), out, predictor=OraclePredictor(), tile=TILE, overlap=OVERLAP, progress=False)
+    assert summary.complete and summary.tiles_nodata == summary.tiles
+    frame = gpd.read_file(out)
+    assert len(frame) == 0 and {"class_name", "class_id", "score", "area_m2"} <= set(frame.columns)
