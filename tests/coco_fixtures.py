@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
 import rasterio
+from rasterio.errors import NotGeoreferencedWarning
 
 
 def write_png(path: Path, image: np.ndarray) -> None:
-    with rasterio.open(path, "w", driver="PNG", width=image.shape[2], height=image.shape[1], count=3,
-                       dtype="uint8") as dst:
-        dst.write(image)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        with rasterio.open(path, "w", driver="PNG", width=image.shape[2], height=image.shape[1], count=3,
+                           dtype="uint8") as dst:
+            dst.write(image)
 
 
 def write_coco_tiles(root: Path, n_images: int = 4, size: int = 64, seed: int = 0) -> Path:
