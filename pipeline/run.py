@@ -146,6 +146,7 @@ def run_scene(
     try:
         own_pool = pool is None
         active = RayPool(predictor, settings).__enter__() if own_pool else pool
+        before = (active.stats.resubmitted_tiles, active.stats.replaced_workers)  # a shared pool counts on
         try:
             if todo:
                 for batch in active.map(spec, todo, int(r["batch_size"])):
@@ -158,8 +159,8 @@ def run_scene(
                         instances_so_far += len(res.instances)
                     bar.update(len(batch))
                     bar.set_postfix(instances=instances_so_far)
-            summary.resubmitted_tiles = active.stats.resubmitted_tiles
-            summary.worker_restarts = active.stats.replaced_workers
+            summary.resubmitted_tiles = active.stats.resubmitted_tiles - before[0]
+            summary.worker_restarts = active.stats.replaced_workers - before[1]
         finally:
             if own_pool:
                 active.__exit__(None, None, None)

@@ -222,3 +222,84 @@ def test_all_nodata_scene_gives_a_valid_empty_layer(tmp_path, ray_session):
     assert summary.complete and summary.tiles_nodata == summary.tiles
     frame = gpd.read_file(out)
     assert len(frame) == 0 and {"class_name", "class_id", "score", "area_m2"} <= set(frame.columns)
+
+
+@pytest.mark.parametrize("dtype", ["uint16", "float32"])
+def test_uint16_and_float32_scenes_work(tmp_path, ray_session, dtype):
+    ids, classes = paint_objects(260, 300, TILE, OVERLAP)
+    scene = tmp_path / f"{dtype}.tif"
+    with rasterio.open(scene, "w", driver="GTiff", width=300, height=260, count=3, dtype=dtype, crs=UTM[0],
+                       transform=UTM[1]) as dst:
+        dst.write(np.stack([ids, classes, np.full_like(ids, 200)]).astype(dtype))
+    reference = tmp_path / "reference.tif"
+    write_scene(reference, ids, classes, *UTM)
+    out, ref_out = tmp_path / "out.gpkg", tmp_path / "ref.gpkg"
+    run_scene(str(scene), out, predictor=OraclePredictor(), tile=TILE, overlap=OVERLAP, scaling="range",
+              value_range=[0, 255], progress=False)
+    run_scene(str(reference), ref_out, predictor=OraclePredictor(), tile=TILE, overlap=OVERLAP,
+              scaling="divide255", progress=False)
+    assert features(out) == features(ref_out)
+
+
+def test_band_count_the_config_cannot_map_is_refused(tmp_path):
+    scene = tmp_path / "two_bands.tif"
+    write_raster(scene, count=2)
+    from model.errors import UserError
+
+    with pytest.raises(UserError, match="has 2 bands.*--bands"):
+        run_scene(str(scene), tmp_path / "out.gpkg", predictor=OraclePredictor(), progress=False)
+    with pytest.raises(UserError, match=r"bands \[3\] do not exist"):
+        run_scene(str(scene), tmp_path / "out.gpkg", predictor=OraclePredictor(), bands=[1, 2, 3], progress=False)
+
+
+def test_scene_smaller_than_a_tile_works(tmp_path, ray_session):
+    ids, classes = paint_objects(260, 300, TILE, OVERLAP)
+    scene = tmp_path / "small.tif"
+    write_scene(scene, ids[:90, :100], classes[:90, :100], *UTM)
+    out = tmp_path / "small.gpkg"
+    summary = run_scene(str(scene), out, predictor=OraclePredictor(), tile=TILE, overlap=OVERLAP,
+                        scaling="divide255", progress=False)
+    assert summary.tiles == 1 and summary.complete
+    frame = gpd.read_file(out)
+    left, bottom, right, top = rasterio.transform.array_bounds(90, 100, UTM[1])
+    assert len(frame) == len(set(np.unique(ids[:90, :100])) - {0})
+    assert frame.total_bounds[0] >= left and frame.total_bounds[2] <= right
+
+
+def test_corrupt_block_is_reported_by_window_and_marks_the_output_incomplete(tmp_path, ray_session):
+    ids, classes = paint_objects(260, 300, TILE, OVERLAP)
+    scene = tmp_path / "corrupt.tif"
+    with rasterio.open(scene, "w", driver="GTiff", width=300, height=260, count=3, dtype="uint8", crs=UTM[0],
+                       transform=UTM[1], tiled=True, blockxsize=64, blockysize=64, compress="deflate") as dst:
+        dst.write(np.stack([ids, classes, np.full_like(ids, 200)]))
+    with rasterio.open(scene) as src:  # garble one block in the middle of the scene
+        offset = int(src.get_tag_item("BLOCK_OFFSET_2_2", "TIFF", bidx=1))
+        size = int(src.get_tag_item("BLOCK_SIZE_2_2", "TIFF", bidx=1))
+    data = bytearray(scene.read_bytes())
+    data[offset:offset + size] = b"\xff" * size
+    scene.write_bytes(bytes(data))
+    out = tmp_path / "out.gpkg"
+    summary = run_scene(str(scene), out, predictor=OraclePredictor(), tile=TILE, overlap=OVERLAP,
+                        scaling="divide255", progress=False)
+    assert not summary.complete
+    failed = {tuple(f["window"]) for f in summary.failed}
+    block = (128, 128, 192, 192)  # pixels of block (2, 2)
+    assert failed and all(c < block[2] and c + w > block[0] and r < block[3] and r + h > block[1]
+                          for c, r, w, h in failed)
+    assert "INCOMPLETE" in "\n".join(summary.lines())
+    assert out.exists() and state_dir(out).exists()  # partial result written, tiles kept for a retry
+    import pyogrio
+
+    assert '"complete": false' in pyogrio.read_info(out)["layer_metadata"]["aerial_seg_run"]
+
+
+def test_unwritable_output_directory_is_refused_before_work(tmp_path, monkeypatch, scene):
+    import pipeline.run as run_module
+    from model.errors import UserError
+
+    real_access = os.access
+    monkeypatch.setattr(run_module.os, "access", lambda p, mode: False if mode == os.W_OK else real_access(p, mode))
+    with pytest.raises(UserError, match="not writable"):
+        run_scene(str(scene), tmp_path / "out.gpkg", predictor=OraclePredictor(), progress=False)
+    with pytest.raises(UserError, match="does not exist"):
+        run_scene(str(scene), tmp_path / "nowhere" / "out.gpkg", predictor=OraclePredictor(), progress=False)
