@@ -39,7 +39,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"{path}: checkpoint not found (train one with `python -m pipeline train`, or give a path)")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        # mmap: reading the class names of a 200 MB checkpoint must not load every tensor.
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # truncated zip, a pickle that would run code, not a torch file
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if "weights_only" in str(exc) or "Unsupported global" in str(exc):

@@ -53,11 +53,20 @@ def to_tensor(raw: np.ndarray, valid: np.ndarray, scaling: Scaling) -> torch.Ten
 
 
 class TileWorker:
-    """The body of a Ray actor: one predictor (model) loaded once, many batches of windows."""
+    """The body of a Ray actor: one predictor (model) loaded once, many batches of windows.
+
+    The actor runs two `process` calls at a time (Ray `max_concurrency=2`) but only one model forward:
+    while one batch is in the model, the next one is being read and normalized (GDAL and torch release the
+    GIL), so reading hides behind compute.
+    """
 
     def __init__(self, predictor: Callable, threads: int):
         torch.set_num_threads(max(1, int(threads)))
         self.predictor = predictor
+        self.model_lock = threading.Lock()
+        load = getattr(predictor, "load", None)
+        if callable(load):
+            load()  # load the model now, while the driver is still planning, not on the first batch
 
     def process(self, spec: ReadSpec, windows: list[tuple[int, Window]]) -> list[TileResult]:
         results: list[TileResult] = []
@@ -75,7 +84,8 @@ class TileWorker:
             valids.append(valid)
             kept.append((index, window))
         if images:
-            outputs = self.predictor(images)
+            with self.model_lock:
+                outputs = self.predictor(images)
             for (index, window), valid, out in zip(kept, valids, outputs):
                 instances = from_tile_prediction(
                     masks_prob=out["masks"][:, 0].float().numpy(),
@@ -128,7 +138,8 @@ class RayPool:
         total_cpus = float(ray.cluster_resources().get("CPU", 1.0))
         workers = int(r["workers"])
         threads = int(r["threads_per_worker"] or max(1, int(total_cpus // workers)))
-        options: dict[str, Any] = {"max_restarts": 0, "max_task_retries": 0}  # the pool replaces lost actors
+        # The pool replaces lost actors itself; two calls at a time overlap reading with the model.
+        options: dict[str, Any] = {"max_restarts": 0, "max_task_retries": 0, "max_concurrency": 2}
         if r["device"] == "cuda":
             gpus = float(ray.cluster_resources().get("GPU", 0.0))
             if gpus < float(r["gpus_per_worker"]):
