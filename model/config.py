@@ -95,16 +95,21 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Defaults <- YAML file <- overrides, then validated."""
-    config = DEFAULTS
+def layered(defaults: dict[str, Any], path: str | Path | None, overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """defaults <- YAML file <- overrides; an unknown key in the file is reported with the file's name."""
+    config = defaults
     if path is not None:
         data = read_yaml(path)
         try:
             config = merge(config, data)
         except UserError as exc:
             raise UserError(f"{path}: {exc}") from None
-    config = merge(config, overrides or {})
+    return merge(config, overrides or {})
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The model config: defaults <- YAML file <- overrides, then validated."""
+    config = layered(DEFAULTS, path, overrides)
     validate(config)
     return config
 

@@ -11,6 +11,17 @@ from pathlib import Path
 from model.errors import UserError
 
 
+def check_writable(path: Path, overwrite: bool) -> None:
+    """Refuse an output that cannot be written, before any work is spent on it."""
+    directory = path.parent
+    if not directory.is_dir():
+        raise UserError(f"{path}: output directory {directory} does not exist")
+    if not os.access(directory, os.W_OK):
+        raise UserError(f"{path}: output directory {directory} is not writable")
+    if path.exists() and not overwrite:
+        raise UserError(f"{path}: file exists (use --overwrite to replace it)")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
@@ -20,13 +31,7 @@ def atomic_path(path: str | Path, overwrite: bool = True) -> Iterator[Path]:
     and a previous file at `path` is left untouched.
     """
     path = Path(path)
-    directory = path.parent if str(path.parent) else Path(".")
-    if not directory.is_dir():
-        raise UserError(f"{path}: output directory {directory} does not exist")
-    if not os.access(directory, os.W_OK):
-        raise UserError(f"{path}: output directory {directory} is not writable")
-    if path.exists() and not overwrite:
-        raise UserError(f"{path}: file exists (use --overwrite to replace it)")
+    check_writable(path, overwrite)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial" + path.suffix, dir=directory)
     os.close(fd)
     tmp = Path(tmp_name)

@@ -33,6 +33,15 @@ def add_reading_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing output")
 
 
+def add_training_options(p: argparse.ArgumentParser) -> None:
+    length = p.add_mutually_exclusive_group(required=True)
+    length.add_argument("--iters", type=int)
+    length.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--seed", type=int, default=0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline",
@@ -75,12 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="model config, e.g. configs/swin_t.yaml")
     p.add_argument("--data", required=True, help="a `prepare` output directory")
     p.add_argument("--out", required=True, help="checkpoint path (model.pt); losses go beside it")
-    length = p.add_mutually_exclusive_group(required=True)
-    length.add_argument("--iters", type=int)
-    length.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--seed", type=int, default=0)
+    add_training_options(p)
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint at --out")
     p.add_argument("--validate", action="store_true", help="COCO AP on DATA/val after each epoch")
     p.set_defaults(func=cmd_train)
@@ -96,12 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="train + evaluate several backbones identically; one table")
     p.add_argument("--configs", nargs="+", required=True)
     p.add_argument("--data", required=True)
-    length = p.add_mutually_exclusive_group(required=True)
-    length.add_argument("--iters", type=int)
-    length.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--seed", type=int, default=0)
+    add_training_options(p)
     p.add_argument("--out-dir", default="compare", help="checkpoints and the table (compare.md, compare.json)")
     p.set_defaults(func=cmd_compare)
     return parser

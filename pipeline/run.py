@@ -15,6 +15,7 @@ from typing import Any
 from tqdm import tqdm
 
 from model.errors import UserError
+from model.files import check_writable
 from pipeline.execute import RayPool, ReadSpec, TileResult
 from pipeline.geopackage import GeoPackageWriter
 from pipeline.merge import merge_instances
@@ -222,12 +223,6 @@ def scene_identity(scene: str) -> dict[str, Any]:
 
 def check_output(output: Path, overwrite: bool) -> None:
     """Refuse an unusable output before any tile is computed."""
-    directory = output.parent if str(output.parent) else Path(".")
     if output.suffix.lower() != ".gpkg":
         raise UserError(f"{output}: the output must be a GeoPackage (.gpkg)")
-    if not directory.is_dir():
-        raise UserError(f"{output}: output directory {directory} does not exist")
-    if not os.access(directory, os.W_OK):
-        raise UserError(f"{output}: output directory {directory} is not writable")
-    if output.exists() and not overwrite:
-        raise UserError(f"{output}: file exists (use --overwrite to replace it)")
+    check_writable(output, overwrite)

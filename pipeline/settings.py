@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from model.config import merge, read_yaml
+from model.config import layered
 from model.errors import UserError
 
 DEFAULTS: dict[str, Any] = {
@@ -52,14 +52,7 @@ DEFAULTS: dict[str, Any] = {
 
 def load_settings(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Defaults <- YAML file <- overrides (flags the user actually gave)."""
-    settings = DEFAULTS
-    if path is not None:
-        data = read_yaml(path)
-        try:
-            settings = merge(settings, data)
-        except UserError as exc:
-            raise UserError(f"{path}: {exc}") from None
-    settings = merge(settings, overrides or {})
+    settings = layered(DEFAULTS, path, overrides)
     validate(settings)
     return settings
 
