@@ -12,6 +12,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from rasterio.windows import Window
 from tqdm import tqdm
 
 from model.errors import UserError
@@ -21,7 +22,8 @@ from pipeline.geopackage import GeoPackageWriter
 from pipeline.merge import merge_instances
 from pipeline.polygonize import mask_to_geometry
 from pipeline.predict import CheckpointPredictor
-from pipeline.raster import compute_scaling, open_scene, resolve_bands
+from pipeline.instances import Instance
+from pipeline.raster import SceneInfo, compute_scaling, is_virtual, open_scene, resolve_bands
 from pipeline.settings import load_settings, settings_overrides
 from pipeline.store import TileStore, fingerprint, state_dir
 from pipeline.windows import plan_windows
@@ -119,73 +121,96 @@ def run_scene(
         predictor = CheckpointPredictor(checkpoint, r["device"])
     output = Path(output)
     summary = RunSummary(scene=str(scene), output=str(output))
-    t0 = time.perf_counter()
 
+    t = time.perf_counter()
     info = open_scene(scene)
     check_output(output, bool(r["overwrite"]))
-    bands = resolve_bands(settings["bands"], info.count)
-    scaling = compute_scaling(scene, info, settings)
-    nodata = settings["nodata"] if settings["nodata"] is not None else info.nodata
+    spec = read_spec(scene, info, settings)
     windows = plan_windows(info.width, info.height, settings["tile"], settings["overlap"])
     summary.tiles = len(windows)
-    spec = ReadSpec(scene=str(scene), bands=bands, nodata=nodata, scaling=scaling,
-                    score_threshold=float(r["score_threshold"]), mask_threshold=float(r["mask_threshold"]))
-
     key = fingerprint({"scene": scene_identity(scene), "predictor": predictor_identity(predictor),
                        "read": spec, "tile": settings["tile"], "overlap": settings["overlap"]})
     store = TileStore(state_dir(output), key)
     summary.stale_state_cleared = store.stale
-    results: dict[int, TileResult] = {res.index: res for res in store.saved()}
-    summary.tiles_resumed = len(results)
-    todo = [(i, w) for i, w in enumerate(windows) if i not in results]
-    summary.seconds["plan"] = time.perf_counter() - t0
+    summary.seconds["plan"] = time.perf_counter() - t
 
-    t1 = time.perf_counter()
-    failed: dict[int, str] = {}
-    instances_so_far = sum(len(res.instances) for res in results.values())
-    bar = tqdm(total=len(windows), initial=len(results), desc=Path(scene).name, unit="tile", disable=not progress)
-    try:
-        own_pool = pool is None
-        active = RayPool(predictor, settings).__enter__() if own_pool else pool
-        before = (active.stats.resubmitted_tiles, active.stats.replaced_workers)  # a shared pool counts on
-        try:
-            if todo:
-                for batch in active.map(spec, todo, int(r["batch_size"])):
-                    for res in batch:
-                        if res.status == "failed":
-                            failed[res.index] = res.error or "unknown error"
-                            continue
-                        store.save(res)
-                        results[res.index] = res
-                        instances_so_far += len(res.instances)
-                    bar.update(len(batch))
-                    bar.set_postfix(instances=instances_so_far)
-            summary.resubmitted_tiles = active.stats.resubmitted_tiles - before[0]
-            summary.worker_restarts = active.stats.replaced_workers - before[1]
-        finally:
-            if own_pool:
-                active.__exit__(None, None, None)
-    except KeyboardInterrupt:
-        bar.close()
-        raise Interrupted(len(results), len(windows), store.directory) from None
-    bar.close()
-    summary.seconds["read+predict"] = time.perf_counter() - t1
-    summary.tiles_nodata = sum(res.status == "nodata" for res in results.values())
-    summary.failed = [{"window": [int(v) for v in (windows[i].col_off, windows[i].row_off, windows[i].width,
-                                                   windows[i].height)], "error": e} for i, e in sorted(failed.items())]
+    t = time.perf_counter()
+    results = predict_tiles(spec, windows, store, predictor, settings, pool, summary, progress)
+    summary.seconds["read+predict"] = time.perf_counter() - t
 
-    t2 = time.perf_counter()
+    t = time.perf_counter()
     raw = [inst for i in sorted(results) for inst in results[i].instances]
     summary.raw_instances = len(raw)
     merged = merge_instances(raw, float(settings["merge"]["iou_threshold"]), float(settings["merge"]["ios_threshold"]))
     del raw
     summary.merged_instances = len(merged)
-    summary.seconds["merge"] = time.perf_counter() - t2
+    summary.seconds["merge"] = time.perf_counter() - t
 
-    t3 = time.perf_counter()
+    t = time.perf_counter()
+    write_geopackage(merged, output, info, predictor, settings, summary)
+    summary.seconds["polygonize+write"] = time.perf_counter() - t
+    if summary.complete:
+        store.remove()
+    return summary
+
+
+def read_spec(scene: str, info: SceneInfo, settings: dict[str, Any]) -> ReadSpec:
+    """How workers turn this scene's windows into model input (bands, nodata, scaling, thresholds)."""
+    r = settings["run"]
+    return ReadSpec(scene=str(scene), bands=resolve_bands(settings["bands"], info.count),
+                    nodata=settings["nodata"] if settings["nodata"] is not None else info.nodata,
+                    scaling=compute_scaling(scene, info, settings),
+                    score_threshold=float(r["score_threshold"]), mask_threshold=float(r["mask_threshold"]))
+
+
+def predict_tiles(spec: ReadSpec, windows: list[Window], store: TileStore, predictor: Callable,
+                  settings: dict[str, Any], pool: RayPool | None, summary: RunSummary,
+                  progress: bool) -> dict[int, TileResult]:
+    """Results of every window: saved ones from an earlier run, the rest from the Ray pool (each saved as
+    it arrives). Failed windows go into `summary.failed`; Ctrl-C raises `Interrupted`."""
+    results: dict[int, TileResult] = {res.index: res for res in store.saved()}
+    summary.tiles_resumed = len(results)
+    todo = [(i, w) for i, w in enumerate(windows) if i not in results]
+    failed: dict[int, str] = {}
+    found = sum(len(res.instances) for res in results.values())
+    bar = tqdm(total=len(windows), initial=len(results), desc=Path(spec.scene).name, unit="tile",
+               disable=not progress)
+    try:
+        active = pool or RayPool(predictor, settings).__enter__()
+        before = (active.stats.resubmitted_tiles, active.stats.replaced_workers)  # a shared pool counts on
+        try:
+            for batch in (active.map(spec, todo, int(settings["run"]["batch_size"])) if todo else []):
+                for res in batch:
+                    if res.status == "failed":
+                        failed[res.index] = res.error or "unknown error"
+                        continue
+                    store.save(res)
+                    results[res.index] = res
+                    found += len(res.instances)
+                bar.update(len(batch))
+                bar.set_postfix(instances=found)
+            summary.resubmitted_tiles = active.stats.resubmitted_tiles - before[0]
+            summary.worker_restarts = active.stats.replaced_workers - before[1]
+        finally:
+            if pool is None:
+                active.__exit__(None, None, None)
+    except KeyboardInterrupt:
+        raise Interrupted(len(results), len(windows), store.directory) from None
+    finally:
+        bar.close()
+    summary.tiles_nodata = sum(res.status == "nodata" for res in results.values())
+    summary.failed = [{"window": [int(windows[i].col_off), int(windows[i].row_off), int(windows[i].width),
+                                  int(windows[i].height)], "error": error} for i, error in sorted(failed.items())]
+    return results
+
+
+def write_geopackage(merged: list[Instance], output: Path, info: SceneInfo, predictor: Callable, settings: dict[str, Any],
+                     summary: RunSummary) -> None:
+    """Polygonize the merged instances and stream them, with the run's metadata, into the GeoPackage."""
+    r = settings["run"]
     names = class_names_of(predictor)
     metadata = {
-        "scene": os.path.abspath(scene) if "://" not in str(scene) and not str(scene).startswith("/vsi") else scene,
+        "scene": summary.scene if is_virtual(summary.scene) else os.path.abspath(summary.scene),
         "checkpoint": getattr(predictor, "checkpoint", None),
         "predictor": predictor_identity(predictor),
         "model_config": getattr(predictor, "config", None),
@@ -201,10 +226,6 @@ def run_scene(
             geoms = [mask_to_geometry(m.mask, m.row, m.col, info.transform, float(r["simplify"])) for m in chunk]
             labels = [m.label for m in chunk]
             w.write(geoms, labels, [label_name(names, label) for label in labels], [m.score for m in chunk])
-    summary.seconds["polygonize+write"] = time.perf_counter() - t3
-    if summary.complete:
-        store.remove()
-    return summary
 
 
 def label_name(names: list[str] | None, label: int) -> str:

@@ -194,3 +194,31 @@ def test_real_sample_prepares_sanely(tmp_path):
             (tmp_path / "out" / "train" / "annotations.json").read_text())["images"][0]["file_name"]) as src:
         image = src.read()
     assert image.shape == (3, 256, 256) and image.std() > 10  # stretched uint16, not a flat image
+
+
+def test_interrupted_prepare_leaves_nothing_half_written_and_reruns(tmp_path, monkeypatch):
+    import pipeline.prepare as prepare_module
+
+    scene = tmp_path / "scene.tif"
+    write_scene(scene)
+    gpd.GeoDataFrame({"kind": ["a"]}, geometry=[Polygon(to_map([(10, 10), (40, 10), (40, 40)]))],
+                     crs=UTM).to_file(tmp_path / "labels.gpkg")
+    real_write = prepare_module.write_png
+    written = []
+
+    def write_then_interrupt(path, image):
+        real_write(path, image)
+        written.append(path)
+        if len(written) == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(prepare_module, "write_png", write_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        prepare([str(scene)], str(tmp_path / "labels.gpkg"), tmp_path / "out", settings(), progress=False)
+    assert not (tmp_path / "out").exists()
+    monkeypatch.setattr(prepare_module, "write_png", real_write)
+    summary = prepare([str(scene)], str(tmp_path / "labels.gpkg"), tmp_path / "out", settings(), progress=False)
+    images = sorted(p.name for p in (tmp_path / "out" / "train" / "images").iterdir())
+    coco = json.loads((tmp_path / "out" / "train" / "annotations.json").read_text())
+    assert images == sorted(im["file_name"] for im in coco["images"]) and len(images) == summary["tiles"]["train"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["labels.gpkg", "out", "scene.tif"]

@@ -7,13 +7,14 @@ cheap predictor: memory must not grow with the scene.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
 import ray
 
 from pipeline.run import run_scene
-from tests.benchmarks.common import BrightSquares, PeakMemory, generate_scene, machine
+from tests.benchmarks.common import BrightSquares, PeakMemory, generate_scene, machine, publish
 
 
 def main() -> None:
@@ -27,7 +28,7 @@ def main() -> None:
     print(f"machine: {machine()}")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
-        results = {}
+        results, lines = {}, []
         for size in args.sizes:
             t = time.perf_counter()
             scene = generate_scene(work / f"scene_{size}.tif", size)
@@ -39,11 +40,13 @@ def main() -> None:
                                     batch_size=4, workers=args.workers, threads_per_worker=1, overwrite=True)
                 seconds = time.perf_counter() - t
             results[size] = mem.peak
-            print(f"{size}^2 px: {summary.tiles} tiles, {summary.merged_instances} instances, {seconds:.0f} s, "
-                  f"peak RSS driver+workers {mem.peak / 2**20:.0f} MiB")
+            lines.append(f"{size}^2 px: {summary.tiles} tiles, {summary.merged_instances} instances, {seconds:.0f} s, "
+                         f"peak RSS driver + Ray workers {mem.peak / 2**20:.0f} MiB")
+            print(lines[-1])
         if len(results) > 1:
             small, large = min(results), max(results)
-            print(f"ratio {large}^2 / {small}^2 peak memory: {results[large] / results[small]:.2f}")
+            lines.append(f"peak memory ratio {large}^2 / {small}^2: {results[large] / results[small]:.2f}")
+        publish("Memory", "python tests/benchmarks/bench_memory.py " + " ".join(sys.argv[1:]), lines)
     finally:
         ray.shutdown()
 

@@ -14,7 +14,7 @@ import numpy as np
 from pipeline.instances import Instance
 from pipeline.merge import merge_instances
 from pipeline.windows import plan_windows
-from tests.benchmarks.common import machine
+from tests.benchmarks.common import machine, publish
 
 TILE, OVERLAP = 512, 64
 
@@ -52,7 +52,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 30_000, 100_000])
     args = parser.parse_args()
     print(f"machine: {machine()} (merge is single-threaded)")
-    sizes, seconds = [], []
+    sizes, seconds, lines = [], [], []
     for n in args.sizes:
         instances = synthetic(n)
         t = time.perf_counter()
@@ -60,11 +60,13 @@ def main() -> None:
         elapsed = time.perf_counter() - t
         sizes.append(len(instances))
         seconds.append(elapsed)
-        print(f"{n} objects -> {len(instances)} detections (fragments across seams included) -> "
-              f"{len(merged)} merged in {elapsed:.2f} s")
+        lines.append(f"{n} objects -> {len(instances)} detections (fragments across seams included) -> "
+                     f"{len(merged)} merged in {elapsed:.2f} s")
+        print(lines[-1])
     if len(sizes) > 1:
         k = np.polyfit(np.log(sizes), np.log(seconds), 1)[0]
-        print(f"fitted growth exponent: {k:.2f}")
+        lines.append(f"fitted growth exponent (seconds ~ detections^k): k = {k:.2f}")
+    publish("Seam-merge scaling", "python tests/benchmarks/bench_merge.py", lines)
 
 
 if __name__ == "__main__":

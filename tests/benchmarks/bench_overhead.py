@@ -8,6 +8,7 @@ and 2 workers (threads per worker = cores / workers).
 from __future__ import annotations
 
 import argparse
+import sys
 import os
 import time
 from pathlib import Path
@@ -23,7 +24,7 @@ from pipeline.raster import compute_scaling, normalize, open_scene, read_window,
 from pipeline.run import run_scene
 from pipeline.settings import load_settings
 from pipeline.windows import plan_windows
-from tests.benchmarks.common import generate_scene, machine
+from tests.benchmarks.common import generate_scene, machine, publish
 
 
 def plain_loop(scene: str, checkpoint: str, tile: int, overlap: int, batch_size: int, threads: int) -> float:
@@ -67,7 +68,10 @@ def main() -> None:
 
     plain = plain_loop(scene, str(checkpoint), args.tile, args.overlap, args.batch_size, cores)
     n_tiles = len(plan_windows(args.size, args.size, args.tile, args.overlap))
-    print(f"plain loop: {n_tiles} tiles in {plain:.1f} s ({n_tiles / plain:.2f} tiles/s)")
+    lines = [f"{args.backbone} Mask R-CNN (random weights), {args.size}^2 px scene, tile {args.tile}, "
+             f"overlap {args.overlap}, batch {args.batch_size}",
+             f"plain loop: {n_tiles} tiles in {plain:.1f} s ({n_tiles / plain:.2f} tiles/s)"]
+    print(lines[-1])
 
     ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
@@ -78,10 +82,14 @@ def main() -> None:
                                 tile=args.tile, overlap=args.overlap, batch_size=args.batch_size, workers=workers,
                                 threads_per_worker=max(1, cores // workers), overwrite=True, progress=False)
             timings[workers] = time.perf_counter() - t
-            print(f"run, {workers} worker(s): {timings[workers]:.1f} s ({n_tiles / timings[workers]:.2f} tiles/s); "
-                  f"stages: " + ", ".join(f"{k} {v:.1f}" for k, v in summary.seconds.items()))
-        print(f"overhead ratio run(1 worker, {cores} threads) / plain loop: {timings[1] / plain:.3f}")
-        print(f"scaling tiles/s 2 workers / 1 worker: {timings[1] / timings[2]:.2f}")
+            lines.append(f"run, {workers} worker(s) x {max(1, cores // workers)} threads: {timings[workers]:.1f} s "
+                         f"({n_tiles / timings[workers]:.2f} tiles/s); stages: "
+                         + ", ".join(f"{k} {v:.1f} s" for k, v in summary.seconds.items()))
+            print(lines[-1])
+        lines.append(f"overhead ratio run (1 worker, {cores} threads) / plain loop: {timings[1] / plain:.3f}")
+        lines.append(f"scaling, tiles/s with 2 workers / 1 worker: {timings[1] / timings[2]:.2f}")
+        publish("Overhead and worker scaling", "python tests/benchmarks/bench_overhead.py " + " ".join(sys.argv[1:]),
+                lines)
     finally:
         ray.shutdown()
 

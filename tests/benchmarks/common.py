@@ -90,3 +90,22 @@ class PeakMemory:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
+
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "benchmarks.md"
+
+
+def publish(section: str, command: str, lines: list[str]) -> None:
+    """Print the figures and replace this benchmark's section of docs/benchmarks.md with them."""
+    body = "\n".join([f"Command: `{command}`  ", f"Machine: {machine()}  ",
+                      f"Measured: {time.strftime('%Y-%m-%d')}", "", "```", *lines, "```"])
+    print("\n".join(lines))
+    start, end = f"<!-- {section} -->", f"<!-- /{section} -->"
+    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
+    block = f"{start}\n{body}\n{end}"
+    if start in text and end in text:
+        text = text[:text.index(start)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip("\n") + f"\n\n## {section}\n\n{block}\n"
+    DOC.parent.mkdir(exist_ok=True)
+    DOC.write_text(text)
