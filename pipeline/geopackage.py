@@ -11,20 +11,28 @@ import geopandas as gpd
 import numpy as np
 import pyogrio
 import shapely
-from pyproj import CRS, Geod
+from pyproj import CRS, Geod, Transformer
 
 from model.files import atomic_path
 
 
 def areas_m2(geoms: Sequence[Any], crs: CRS | str) -> np.ndarray:
-    """True areas in square metres: planar times the unit's square in a projected CRS, geodesic on the CRS's
-    ellipsoid in a geographic one (degrees have no area)."""
+    """True areas in square metres: geodesic, on the ellipsoid of the CRS's datum.
+
+    Planar area is only right in an equal-area projection: Web Mercator inflates it by 1/cos^2(latitude),
+    UTM by up to ~0.1 %, and degrees have no area at all. So coordinates go to the CRS's own geographic
+    CRS (one vectorized transform) and the area is measured on the ellipsoid.
+    """
     crs = CRS.from_user_input(crs)
-    if crs.is_geographic:
-        geod = crs.get_geod() or Geod(ellps="WGS84")
-        return np.array([abs(geod.geometry_area_perimeter(g)[0]) for g in geoms], dtype=np.float64)
-    factor = crs.axis_info[0].unit_conversion_factor if crs.axis_info else 1.0
-    return shapely.area(np.asarray(geoms, dtype=object)).astype(np.float64) * factor**2
+    geographic = crs.geodetic_crs or CRS.from_epsg(4326)
+    geoms = np.asarray(list(geoms), dtype=object)
+    if geoms.size == 0:
+        return np.zeros(0, dtype=np.float64)
+    if not crs.is_geographic:
+        to_lonlat = Transformer.from_crs(crs, geographic, always_xy=True)
+        geoms = shapely.transform(geoms, lambda xy: np.column_stack(to_lonlat.transform(xy[:, 0], xy[:, 1])))
+    geod = geographic.get_geod() or Geod(ellps="WGS84")
+    return np.array([abs(geod.geometry_area_perimeter(g)[0]) for g in geoms], dtype=np.float64)
 
 
 class GeoPackageWriter:
@@ -60,7 +68,8 @@ class GeoPackageWriter:
         pyogrio.write_dataframe(
             frame, self.tmp, layer=self.layer, driver="GPKG", append=not first, promote_to_multi=True,
             geometry_type="MultiPolygon",
-            **({"layer_metadata": self.metadata} if first else {}),
+            # GeoPackage 1.2: QGIS builds on older GDAL warn about the 1.4 files newer GDAL writes by default.
+            **({"layer_metadata": self.metadata, "dataset_options": {"VERSION": "1.2"}} if first else {}),
         )
         self.count += len(frame)
 
