@@ -31,6 +31,8 @@ def areas_m2(geoms: Sequence[Any], crs: CRS | str) -> np.ndarray:
     if not crs.is_geographic:
         to_lonlat = Transformer.from_crs(crs, geographic, always_xy=True)
         geoms = shapely.transform(geoms, lambda xy: np.column_stack(to_lonlat.transform(xy[:, 0], xy[:, 1])))
+    # pyproj sums signed ring areas: exteriors must run counter-clockwise and holes clockwise.
+    geoms = shapely.orient_polygons(geoms, exterior_cw=False)
     geod = geographic.get_geod() or Geod(ellps="WGS84")
     return np.array([abs(geod.geometry_area_perimeter(g)[0]) for g in geoms], dtype=np.float64)
 
