@@ -68,6 +68,9 @@ class TileWorker:
         if callable(load):
             load()  # load the model now, while the driver is still planning, not on the first batch
 
+    def ready(self) -> bool:
+        return True
+
     def process(self, spec: ReadSpec, windows: list[tuple[int, Window]]) -> list[TileResult]:
         results: list[TileResult] = []
         images, valids, kept = [], [], []
@@ -102,7 +105,6 @@ class TileWorker:
 
 @dataclass
 class PoolStats:
-    resubmitted_batches: int = 0
     resubmitted_tiles: int = 0
     replaced_workers: int = 0
 
@@ -151,6 +153,13 @@ class RayPool:
         self.actor_class = ray.remote(TileWorker).options(**options)
         self.threads = threads
         self.actors = [self.spawn() for _ in range(workers)]
+        try:  # the model loads in each actor's constructor: say so once, clearly, if it cannot
+            ray.get([actor.ready.remote() for actor in self.actors])
+        except ray.exceptions.RayError as exc:
+            self.__exit__(None, None, None)
+            cause = getattr(exc, "cause", None) or exc
+            detail = str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__
+            raise UserError(f"the Ray workers could not start the model: {detail}") from None
         return self
 
     def spawn(self) -> Any:
@@ -200,7 +209,6 @@ class RayPool:
                     self.actors[slot] = self.spawn()
                     self.stats.replaced_workers += 1
                 if attempts + 1 < MAX_ATTEMPTS:
-                    self.stats.resubmitted_batches += 1
                     self.stats.resubmitted_tiles += len(batch)
                     queue.append((batch, attempts + 1))
                     submit()

@@ -61,24 +61,25 @@ def decode(data: Any) -> TileResult:
 
 
 class TileStore:
+    """The saved tiles of one output. The directory appears with the first saved tile, so a run that fails
+    before any tile is done leaves nothing behind."""
+
     def __init__(self, directory: Path, key: str):
         self.directory = directory
+        self.key = key
         self.stale = False
-        manifest = directory / "manifest.json"
         if directory.exists():
             try:
-                saved = json.loads(manifest.read_text()).get("fingerprint")
+                saved = json.loads((directory / "manifest.json").read_text()).get("fingerprint")
             except (OSError, ValueError):
                 saved = None
             if saved != key:
                 self.stale = True
                 shutil.rmtree(directory)
-        if not directory.exists():
-            directory.mkdir(parents=True)
-            with atomic_path(manifest) as tmp:
-                tmp.write_text(json.dumps({"fingerprint": key}))
 
     def saved(self) -> Iterator[TileResult]:
+        if not self.directory.exists():
+            return
         for path in sorted(self.directory.glob("tile-*.npz")):
             try:
                 with np.load(path, allow_pickle=False) as data:
@@ -87,6 +88,10 @@ class TileStore:
                 path.unlink(missing_ok=True)  # damaged by a crash mid-write: that tile simply runs again
 
     def save(self, result: TileResult) -> None:
+        if not self.directory.exists():
+            self.directory.mkdir(parents=True)
+            with atomic_path(self.directory / "manifest.json") as tmp:
+                tmp.write_text(json.dumps({"fingerprint": self.key}))
         with atomic_path(self.directory / f"tile-{result.index:08d}.npz") as tmp:
             with open(tmp, "wb") as f:
                 np.savez(f, **encode(result))

@@ -303,3 +303,17 @@ def test_unwritable_output_directory_is_refused_before_work(tmp_path, monkeypatc
         run_scene(str(scene), tmp_path / "out.gpkg", predictor=OraclePredictor(), progress=False)
     with pytest.raises(UserError, match="does not exist"):
         run_scene(str(scene), tmp_path / "nowhere" / "out.gpkg", predictor=OraclePredictor(), progress=False)
+
+
+class UnloadableModel(OraclePredictor):
+    def load(self):
+        raise FileNotFoundError("model.pt is not on this node")
+
+
+def test_a_model_the_workers_cannot_load_fails_clearly(tmp_path, scene, ray_session):
+    from model.errors import UserError
+
+    out = tmp_path / "out.gpkg"
+    with pytest.raises(UserError, match="could not start the model: .*not on this node"):
+        run_scene(str(scene), out, predictor=UnloadableModel(), tile=TILE, overlap=OVERLAP, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scene.tif"]  # no output, no saved-tiles folder
