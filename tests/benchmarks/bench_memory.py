@@ -1,7 +1,7 @@
 """Peak resident memory (driver + Ray workers) of `run` on generated 5 000^2 and 20 000^2 px scenes with a
 cheap predictor: memory must not grow with the scene.
 
-    python tests/benchmarks/bench_memory.py [--sizes 5000 20000] [--workdir /tmp/bench]
+    python -m tests.benchmarks.bench_memory [--sizes 5000 20000] [--workdir /tmp/bench]
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", type=int, nargs="+", default=[5000, 20000])
     parser.add_argument("--workdir", default="/tmp/aerial-bench")
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -40,13 +40,13 @@ def main() -> None:
                                     batch_size=4, workers=args.workers, threads_per_worker=1, overwrite=True)
                 seconds = time.perf_counter() - t
             results[size] = mem.peak
-            lines.append(f"{size}^2 px: {summary.tiles} tiles, {summary.merged_instances} instances, {seconds:.0f} s, "
+            lines.append(f"{size}^2 px, {args.workers} worker: {summary.tiles} tiles, {summary.merged_instances} instances, {seconds:.0f} s, "
                          f"peak RSS driver + Ray workers {mem.peak / 2**20:.0f} MiB")
             print(lines[-1])
         if len(results) > 1:
             small, large = min(results), max(results)
             lines.append(f"peak memory ratio {large}^2 / {small}^2: {results[large] / results[small]:.2f}")
-        publish("Memory", "python tests/benchmarks/bench_memory.py " + " ".join(sys.argv[1:]), lines)
+        publish("Memory", "python -m tests.benchmarks.bench_memory " + " ".join(sys.argv[1:]), lines)
     finally:
         ray.shutdown()
 

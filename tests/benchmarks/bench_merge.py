@@ -1,7 +1,7 @@
 """Seam-merge scaling: 10k, 30k and 100k synthetic instances with masks, many cut by seams, on one core.
 Prints seconds per size and the fitted growth exponent (seconds ~ n^k).
 
-    python tests/benchmarks/bench_merge.py [--sizes 10000 30000 100000]
+    python -m tests.benchmarks.bench_merge [--sizes 10000 30000 100000]
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def main() -> None:
     if len(sizes) > 1:
         k = np.polyfit(np.log(sizes), np.log(seconds), 1)[0]
         lines.append(f"fitted growth exponent (seconds ~ detections^k): k = {k:.2f}")
-    publish("Seam-merge scaling", "python tests/benchmarks/bench_merge.py", lines)
+    publish("Seam-merge scaling", "python -m tests.benchmarks.bench_merge", lines)
 
 
 if __name__ == "__main__":

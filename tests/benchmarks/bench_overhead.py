@@ -2,7 +2,7 @@
 loop of model forwards over the same tiles, same model, same batch size, same threads. Also tiles/s with 1
 and 2 workers (threads per worker = cores / workers).
 
-    python tests/benchmarks/bench_overhead.py [--size 3072] [--backbone swin_t] [--batch-size 2]
+    python -m tests.benchmarks.bench_overhead [--size 3072] [--backbone swin_t] [--batch-size 2]
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def main() -> None:
         lines.append(f"overhead ratio run (1 worker, {cores} threads) / plain loop: {timings[1] / plain:.3f} "
                      "(both include loading the model; Ray itself was started before either clock)")
         lines.append(f"scaling, tiles/s with 2 workers / 1 worker: {timings[1] / timings[2]:.2f}")
-        publish("Overhead and worker scaling", "python tests/benchmarks/bench_overhead.py " + " ".join(sys.argv[1:]),
+        publish("Overhead and worker scaling", "python -m tests.benchmarks.bench_overhead " + " ".join(sys.argv[1:]),
                 lines)
     finally:
         ray.shutdown()

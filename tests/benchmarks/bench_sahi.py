@@ -8,7 +8,7 @@
 
 SAHI is installed only in the benchmark environment:
     python -m venv --system-site-packages /tmp/sahi-venv && /tmp/sahi-venv/bin/pip install sahi
-    python tests/benchmarks/bench_sahi.py --sahi-python /tmp/sahi-venv/bin/python
+    python -m tests.benchmarks.bench_sahi --sahi-python /tmp/sahi-venv/bin/python
 """
 
 from __future__ import annotations
@@ -175,7 +175,7 @@ def main() -> None:
     s_ours, s_sahi = results[("ours", "speed")], results[("sahi", "speed")]
     lines.append(f"speed: SAHI / ours wall time {s_sahi['seconds'] / s_ours['seconds']:.2f}, "
                  f"peak memory {s_sahi['peak_mib'] / s_ours['peak_mib']:.2f}")
-    publish("Against SAHI", "python tests/benchmarks/bench_sahi.py " + " ".join(sys.argv[1:]), lines)
+    publish("Against SAHI", "python -m tests.benchmarks.bench_sahi " + " ".join(sys.argv[1:]), lines)
 
 
 if __name__ == "__main__":
