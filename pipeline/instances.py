@@ -40,15 +40,18 @@ def from_tile_prediction(
     Pixels outside `valid` (padding past the scene edge) are cleared first, so padding never yields objects.
     """
     keep = np.flatnonzero(scores >= score_threshold)
-    out: list[Instance] = []
     col_off, row_off = int(window[0]), int(window[1])
-    for i in keep:
-        mask = (masks_prob[i] >= mask_threshold) & valid
-        rows = np.flatnonzero(mask.any(axis=1))
+    if keep.size == 0:
+        return []
+    binary = masks_prob[keep] >= mask_threshold  # one vectorized pass for every instance of the tile
+    binary &= valid
+    rows_any, cols_any = binary.any(axis=2), binary.any(axis=1)
+    out: list[Instance] = []
+    for k, i in enumerate(keep):
+        rows, cols = np.flatnonzero(rows_any[k]), np.flatnonzero(cols_any[k])
         if rows.size == 0:
             continue
-        cols = np.flatnonzero(mask.any(axis=0))
         r0, r1, c0, c1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
-        out.append(Instance(row=row_off + int(r0), col=col_off + int(c0), mask=mask[r0:r1, c0:c1].copy(),
+        out.append(Instance(row=row_off + int(r0), col=col_off + int(c0), mask=binary[k, r0:r1, c0:c1].copy(),
                             score=float(scores[i]), label=int(labels[i]), window=tuple(int(v) for v in window)))
     return out

@@ -10,17 +10,23 @@ import numpy as np
 import rasterio.features
 import shapely
 from affine import Affine
-from shapely.geometry import MultiPolygon, Polygon, shape
+from shapely.geometry import MultiPolygon, Polygon
 
 
 def mask_to_geometry(mask: np.ndarray, row: int, col: int, scene_transform: Affine,
                      simplify_px: float = 0.0) -> Polygon | MultiPolygon:
     """Polygon (holes kept) or MultiPolygon (several parts) of a mask whose top-left pixel is (row, col)."""
+    # Each 4-connected region is one polygon; regions can only touch at a corner point, so the parts form a
+    # valid MultiPolygon as they are (no costly union needed).
     parts = [
-        shape(geom)
-        for geom, _ in rasterio.features.shapes(mask.astype(np.uint8), mask=mask, transform=Affine.translation(col, row))
+        Polygon(rings[0], rings[1:])
+        for rings, _ in (
+            (geom["coordinates"], value)
+            for geom, value in rasterio.features.shapes(mask.astype(np.uint8), mask=mask,
+                                                        transform=Affine.translation(col, row))
+        )
     ]
-    geom = parts[0] if len(parts) == 1 else shapely.union_all(parts)
+    geom: Polygon | MultiPolygon = parts[0] if len(parts) == 1 else MultiPolygon(parts)
     if simplify_px > 0:
         geom = shapely.simplify(geom, simplify_px, preserve_topology=True)
     t = scene_transform
