@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import rasterio
+import rasterio.features
 import torch
 from affine import Affine
 
@@ -98,7 +99,6 @@ def child(args: argparse.Namespace) -> None:
                       score_threshold=0.5, overwrite=True, progress=False, **kwargs)
             ray.shutdown()
             import geopandas as gpd
-            import rasterio.features
 
             frame = gpd.read_file(out)
             with rasterio.open(args.scene) as src:
