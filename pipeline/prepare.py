@@ -93,7 +93,7 @@ def prepare(scenes: list[str], labels: str, out_dir: str | Path, settings: dict[
     total = sum(len(plan[3]) for plan in plans)
     bar = tqdm(total=total, desc="prepare", unit="tile", disable=not progress)
     for scene_index, (scene, info, inside, windows, sides) in enumerate(plans):
-        bands = resolve_bands(settings["bands"], info.count)
+        bands = resolve_bands(settings["bands"], info.count, scene)
         scaling = compute_scaling(scene, info, settings)
         nodata = settings["nodata"] if settings["nodata"] is not None else info.nodata
         index = inside.sindex

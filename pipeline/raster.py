@@ -95,24 +95,24 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def resolve_bands(bands: list[int] | None, count: int) -> list[int]:
+def resolve_bands(bands: list[int] | None, count: int, scene: str = "the scene") -> list[int]:
     """The three 1-based scene bands feeding the model's RGB channels."""
     if bands is None:
         if count >= 3:
             return [1, 2, 3]
         if count == 1:
             return [1, 1, 1]
-        raise UserError(f"the scene has {count} bands; say which feed the model's 3 channels with "
+        raise UserError(f"{scene}: has {count} bands; say which feed the model's 3 channels with "
                         f"--bands (e.g. --bands 1,2,1)")
     bad = [b for b in bands if not 1 <= b <= count]
     if bad:
-        raise UserError(f"bands {bad} do not exist: the scene has bands 1..{count}")
+        raise UserError(f"{scene}: bands {bad} do not exist (it has bands 1..{count})")
     return list(bands)
 
 
 def compute_scaling(path: str, info: SceneInfo, settings: dict[str, Any]) -> Scaling:
     """The scene's value -> [0, 1] mapping, per output channel (see the module docstring)."""
-    bands = resolve_bands(settings["bands"], info.count)
+    bands = resolve_bands(settings["bands"], info.count, path)
     mode = settings["scaling"]
     if mode == "auto":
         mode = "divide255" if info.dtype == "uint8" else "percentile"

@@ -246,7 +246,7 @@ def test_band_count_the_config_cannot_map_is_refused(tmp_path):
     write_raster(scene, count=2)
     from model.errors import UserError
 
-    with pytest.raises(UserError, match="has 2 bands.*--bands"):
+    with pytest.raises(UserError, match="two_bands.tif: has 2 bands.*--bands"):
         run_scene(str(scene), tmp_path / "out.gpkg", predictor=OraclePredictor(), progress=False)
     with pytest.raises(UserError, match=r"bands \[3\] do not exist"):
         run_scene(str(scene), tmp_path / "out.gpkg", predictor=OraclePredictor(), bands=[1, 2, 3], progress=False)
