@@ -16,12 +16,13 @@ python -m pip install --quiet -e ".[dev]"
 python -m pipeline prepare "$SAMPLE/sample_geotiff.tif" --labels "$SAMPLE/geotiff_labels.geojson" \
     --class-name building --tile 256 --overlap 32 --out "$OUT/tiles" --overwrite
 
+MODEL="$OUT/model_${ITERS}it.pt"  # one checkpoint per run length, so a rerun resumes the right one
 resume=()
-[ -f "$OUT/model.pt" ] && resume=(--resume)
-python -m pipeline train --config data/samples/swin_t_cpu.yaml --data "$OUT/tiles" --out "$OUT/model.pt" \
+[ -f "$MODEL" ] && resume=(--resume)
+python -m pipeline train --config data/samples/swin_t_cpu.yaml --data "$OUT/tiles" --out "$MODEL" \
     --iters "$ITERS" --batch-size 2 "${resume[@]}"
-python -m pipeline evaluate "$OUT/model.pt" --data "$OUT/tiles/val"
+python -m pipeline evaluate "$MODEL" --data "$OUT/tiles/val"
 
-python -m pipeline run "$SAMPLE/sample_geotiff.tif" --checkpoint "$OUT/model.pt" -o "$OUT/buildings.gpkg" \
+python -m pipeline run "$SAMPLE/sample_geotiff.tif" --checkpoint "$MODEL" -o "$OUT/buildings.gpkg" \
     --tile 256 --overlap 32 --score-threshold 0.3 --overwrite
 echo "Open $OUT/buildings.gpkg in QGIS over $SAMPLE/sample_geotiff.tif."
