@@ -94,7 +94,7 @@ def prepare(scenes: list[str], labels: str, out_dir: str | Path, settings: dict[
     bar = tqdm(total=total, desc="prepare", unit="tile", disable=not progress)
     for scene_index, (scene, info, inside, windows, sides) in enumerate(plans):
         bands = resolve_bands(settings["bands"], info.count, scene)
-        scaling = compute_scaling(scene, info, settings)
+        scaling = compute_scaling(scene, info, settings, bands)
         nodata = settings["nodata"] if settings["nodata"] is not None else info.nodata
         index = inside.sindex
         for window, side in zip(windows, sides):

@@ -110,9 +110,8 @@ def resolve_bands(bands: list[int] | None, count: int, scene: str = "the scene")
     return list(bands)
 
 
-def compute_scaling(path: str, info: SceneInfo, settings: dict[str, Any]) -> Scaling:
-    """The scene's value -> [0, 1] mapping, per output channel (see the module docstring)."""
-    bands = resolve_bands(settings["bands"], info.count, path)
+def compute_scaling(path: str, info: SceneInfo, settings: dict[str, Any], bands: list[int]) -> Scaling:
+    """The scene's value -> [0, 1] mapping for each of `bands` (see the module docstring)."""
     mode = settings["scaling"]
     if mode == "auto":
         mode = "divide255" if info.dtype == "uint8" else "percentile"

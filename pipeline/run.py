@@ -157,9 +157,10 @@ def run_scene(
 def read_spec(scene: str, info: SceneInfo, settings: dict[str, Any]) -> ReadSpec:
     """How workers turn this scene's windows into model input (bands, nodata, scaling, thresholds)."""
     r = settings["run"]
-    return ReadSpec(scene=str(scene), bands=resolve_bands(settings["bands"], info.count, scene),
+    bands = resolve_bands(settings["bands"], info.count, scene)
+    return ReadSpec(scene=str(scene), bands=bands,
                     nodata=settings["nodata"] if settings["nodata"] is not None else info.nodata,
-                    scaling=compute_scaling(scene, info, settings),
+                    scaling=compute_scaling(scene, info, settings, bands),
                     score_threshold=float(r["score_threshold"]), mask_threshold=float(r["mask_threshold"]))
 
 

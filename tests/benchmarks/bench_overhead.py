@@ -35,8 +35,8 @@ def plain_loop(scene: str, checkpoint: str, tile: int, overlap: int, batch_size:
     predictor.load()
     info = open_scene(scene)
     settings = load_settings(overrides={"tile": tile, "overlap": overlap})
-    scaling = compute_scaling(scene, info, settings)
     bands = resolve_bands(None, info.count)
+    scaling = compute_scaling(scene, info, settings, bands)
     windows = plan_windows(info.width, info.height, tile, overlap)
     for start in range(0, len(windows), batch_size):
         batch = []
