@@ -2,8 +2,16 @@
 
 Whole-mask IoU is the wrong test for fragments: a fragment holding 30 % of an object has a low IoU with its
 neighbour's fragment. Two detections from different windows are compared only where both windows could see
-them (the intersection of the two windows); they are one object when their masks agree there. Candidate
-pairs come from a spatial index over boxes, so the cost grows as n log n, never n^2.
+them (the intersection of the two windows); they are one object when their masks agree there: IoU >=
+`iou_threshold` or intersection over the smaller >= `ios_threshold`, both measured inside that region. Two
+detections from the same window (duplicates) are compared on their whole masks with the same thresholds.
+Distinct objects, however close, have disjoint masks and never merge.
+
+Candidate pairs come from a spatial index over the boxes, so the cost grows as n log n, never n^2; each
+comparison slices the two small crops, never a tile- or scene-sized array.
+
+A merged instance: mask = union of its members' masks, score = the highest score among its fragments,
+window = that best member's window.
 """
 
 from __future__ import annotations
@@ -13,67 +21,62 @@ import shapely
 
 from pipeline.instances import Instance
 
+Rect = tuple[int, int, int, int]  # (col0, row0, col1, row1), scene pixel corners, end exclusive
+
 
 def candidate_pairs(instances: list[Instance]) -> np.ndarray:
-    """(M, 2) index pairs i < j of same-label instances whose boxes share at least one pixel."""
+    """(M, 2) index pairs i < j that could be one object: same label, boxes sharing at least one pixel, and,
+    for detections from different windows, that shared part lying where both windows could see it."""
     if len(instances) < 2:
         return np.zeros((0, 2), dtype=np.int64)
-    boxes = np.array([inst.box for inst in instances], dtype=np.float64)
-    labels = np.array([inst.label for inst in instances])
-    geoms = shapely.box(boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3])
-    tree = shapely.STRtree(geoms)
-    i, j = tree.query(geoms, predicate="intersects")
-    keep = i < j
+    boxes = np.array([inst.box for inst in instances], dtype=np.int64)
+    wins = np.array([inst.window for inst in instances], dtype=np.int64)
+    wins[:, 2:] += wins[:, :2]  # (col_off, row_off, width, height) -> (col0, row0, col1, row1)
+    labels = np.array([inst.label for inst in instances], dtype=np.int64)
+    tree = shapely.STRtree(shapely.box(boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3]))
+    i, j = tree.query(tree.geometries)  # boxes are their own envelopes: the tree's test is the exact one
+    keep = (i < j) & (labels[i] == labels[j])
     i, j = i[keep], j[keep]
-    # "intersects" includes boxes that only touch along an edge; require a shared pixel and the same class.
-    overlap_w = np.minimum(boxes[i, 2], boxes[j, 2]) - np.maximum(boxes[i, 0], boxes[j, 0])
-    overlap_h = np.minimum(boxes[i, 3], boxes[j, 3]) - np.maximum(boxes[i, 1], boxes[j, 1])
-    keep = (overlap_w > 0) & (overlap_h > 0) & (labels[i] == labels[j])
+    # The index also reports boxes that only touch along an edge: require a shared pixel, and for different
+    # windows a shared pixel inside both windows (elsewhere the two masks cannot meet in the compared region).
+    same_window = (wins[i] == wins[j]).all(axis=1)
+    lo = np.maximum(boxes[i, :2], boxes[j, :2])
+    hi = np.minimum(boxes[i, 2:], boxes[j, 2:])
+    lo = np.where(same_window[:, None], lo, np.maximum(lo, np.maximum(wins[i, :2], wins[j, :2])))
+    hi = np.where(same_window[:, None], hi, np.minimum(hi, np.minimum(wins[i, 2:], wins[j, 2:])))
+    keep = (hi > lo).all(axis=1)
     return np.stack([i[keep], j[keep]], axis=1)
 
 
-def crop(inst: Instance, c0: int, r0: int, c1: int, r1: int) -> np.ndarray:
-    """The part of `inst.mask` inside scene rectangle [c0, c1) x [r0, r1) (which must lie in its box)."""
-    return inst.mask[r0 - inst.row:r1 - inst.row, c0 - inst.col:c1 - inst.col]
+def pixels_in(inst: Instance, rect: Rect) -> np.ndarray:
+    """The part of `inst.mask` inside a scene rectangle (clipped to the mask's box; possibly empty)."""
+    r0, c0 = max(rect[1] - inst.row, 0), max(rect[0] - inst.col, 0)
+    return inst.mask[r0:max(rect[3] - inst.row, r0), c0:max(rect[2] - inst.col, c0)]
 
 
 def same_object(a: Instance, b: Instance, iou_threshold: float, ios_threshold: float) -> bool:
-    """Do two same-class detections show the same object? (see the module docstring)"""
-    c0, r0 = max(a.box[0], b.box[0]), max(a.box[1], b.box[1])
-    c1, r1 = min(a.box[2], b.box[2]), min(a.box[3], b.box[3])
+    """Do two same-class detections show one object? (see the module docstring)"""
+    (a0, a1, a2, a3), (b0, b1, b2, b3) = a.box, b.box
     if a.window == b.window:
-        inter = int(np.count_nonzero(crop(a, c0, r0, c1, r1) & crop(b, c0, r0, c1, r1)))
-        area_a, area_b = int(np.count_nonzero(a.mask)), int(np.count_nonzero(b.mask))
+        region = (min(a0, b0), min(a1, b1), max(a2, b2), max(a3, b3))  # both whole masks
     else:
-        wa, wb = a.window, b.window
-        c0, r0 = max(c0, wa[0], wb[0]), max(r0, wa[1], wb[1])
-        c1, r1 = min(c1, wa[0] + wa[2], wb[0] + wb[2]), min(r1, wa[1] + wa[3], wb[1] + wb[3])
-        if c1 <= c0 or r1 <= r0:
-            return False
-        # Both masks restricted to the shared view: box clipping is exact because pixels outside a box are empty.
-        area_a = count_in(a, c0, r0, c1, r1)
-        area_b = count_in(b, c0, r0, c1, r1)
-        if area_a == 0 or area_b == 0:
-            return False
-        bc0, br0 = max(a.box[0], b.box[0], c0), max(a.box[1], b.box[1], r0)
-        bc1, br1 = min(a.box[2], b.box[2], c1), min(a.box[3], b.box[3], r1)
-        inter = int(np.count_nonzero(crop(a, bc0, br0, bc1, br1) & crop(b, bc0, br0, bc1, br1)))
+        (ac, ar, aw, ah), (bc, br, bw, bh) = a.window, b.window
+        region = (max(ac, bc), max(ar, br), min(ac + aw, bc + bw), min(ar + ah, br + bh))
+    area_a = int(np.count_nonzero(pixels_in(a, region)))
+    area_b = int(np.count_nonzero(pixels_in(b, region)))
+    if area_a == 0 or area_b == 0:
+        return False
+    shared = (max(a0, b0, region[0]), max(a1, b1, region[1]), min(a2, b2, region[2]), min(a3, b3, region[3]))
+    if shared[2] <= shared[0] or shared[3] <= shared[1]:
+        return False
+    inter = int(np.count_nonzero(pixels_in(a, shared) & pixels_in(b, shared)))
     if inter == 0:
         return False
-    union = area_a + area_b - inter
-    return inter / union >= iou_threshold or inter / min(area_a, area_b) >= ios_threshold
+    return inter / (area_a + area_b - inter) >= iou_threshold or inter / min(area_a, area_b) >= ios_threshold
 
 
-def count_in(inst: Instance, c0: int, r0: int, c1: int, r1: int) -> int:
-    """Mask pixels of `inst` inside a scene rectangle."""
-    c0, r0 = max(c0, inst.col), max(r0, inst.row)
-    c1, r1 = min(c1, inst.box[2]), min(r1, inst.box[3])
-    if c1 <= c0 or r1 <= r0:
-        return 0
-    return int(np.count_nonzero(crop(inst, c0, r0, c1, r1)))
-
-
-def find(parent: np.ndarray, i: int) -> int:
+def find(parent: list[int], i: int) -> int:
+    """Union-find root with path halving."""
     while parent[i] != i:
         parent[i] = parent[parent[i]]
         i = parent[i]
@@ -81,11 +84,12 @@ def find(parent: np.ndarray, i: int) -> int:
 
 
 def union_of(members: list[Instance]) -> Instance:
-    """One instance: union mask on the union box; the highest score; the best member's window."""
+    """One instance: the members' masks united on their union box (still tight), the highest score and the
+    window of the member that has it."""
     if len(members) == 1:
         return members[0]
-    c0 = min(m.box[0] for m in members)
-    r0 = min(m.box[1] for m in members)
+    c0 = min(m.col for m in members)
+    r0 = min(m.row for m in members)
     c1 = max(m.box[2] for m in members)
     r1 = max(m.box[3] for m in members)
     mask = np.zeros((r1 - r0, c1 - c0), dtype=bool)
@@ -97,13 +101,14 @@ def union_of(members: list[Instance]) -> Instance:
 
 
 def merge_instances(instances: list[Instance], iou_threshold: float, ios_threshold: float) -> list[Instance]:
-    """Group detections of the same object (transitively: a four-window corner gives one) and unite them."""
-    parent = np.arange(len(instances))
-    for i, j in candidate_pairs(instances):
-        ri, rj = find(parent, int(i)), find(parent, int(j))
+    """Group detections of one object (transitively: the four fragments at a four-window corner give one)
+    and unite each group. Output order follows each group's first member in the input."""
+    parent = list(range(len(instances)))
+    for i, j in candidate_pairs(instances).tolist():
+        ri, rj = find(parent, i), find(parent, j)
         if ri != rj and same_object(instances[i], instances[j], iou_threshold, ios_threshold):
             parent[max(ri, rj)] = min(ri, rj)
     groups: dict[int, list[Instance]] = {}
     for i, inst in enumerate(instances):
         groups.setdefault(find(parent, i), []).append(inst)
-    return [union_of(members) for _, members in sorted(groups.items())]
+    return [union_of(members) for members in groups.values()]

@@ -10,27 +10,38 @@ import numpy as np
 import rasterio.features
 import shapely
 from affine import Affine
+from shapely.affinity import affine_transform
 from shapely.geometry import MultiPolygon, Polygon
 
 
 def mask_to_geometry(mask: np.ndarray, row: int, col: int, scene_transform: Affine,
                      simplify_px: float = 0.0) -> Polygon | MultiPolygon:
-    """Polygon (holes kept) or MultiPolygon (several parts) of a mask whose top-left pixel is (row, col)."""
+    """Polygon (holes kept) or MultiPolygon (several parts) of a mask whose top-left pixel is (row, col).
+
+    Simplification runs in pixel space, so `simplify_px` means the same on every scene whatever its CRS
+    units; the affine comes last, so rotated and sheared grids are exact too.
+    """
+    if not mask.any():
+        raise ValueError("cannot polygonize an empty mask")
     # Each 4-connected region is one polygon; regions can only touch at a corner point, so the parts form a
     # valid MultiPolygon as they are (no costly union needed).
     parts = [
-        Polygon(rings[0], rings[1:])
-        for rings, _ in (
-            (geom["coordinates"], value)
-            for geom, value in rasterio.features.shapes(mask.astype(np.uint8), mask=mask,
-                                                        transform=Affine.translation(col, row))
-        )
+        Polygon(geom["coordinates"][0], geom["coordinates"][1:])
+        for geom, _ in rasterio.features.shapes(mask.astype(np.uint8), mask=mask, connectivity=4,
+                                                transform=Affine.translation(col, row))
     ]
     geom: Polygon | MultiPolygon = parts[0] if len(parts) == 1 else MultiPolygon(parts)
     if simplify_px > 0:
         geom = shapely.simplify(geom, simplify_px, preserve_topology=True)
     t = scene_transform
-    geom = shapely.affinity.affine_transform(geom, [t.a, t.b, t.d, t.e, t.c, t.f])
-    if not geom.is_valid:
-        geom = shapely.make_valid(geom)
-    return geom
+    geom = affine_transform(geom, [t.a, t.b, t.d, t.e, t.c, t.f])
+    return geom if geom.is_valid else polygonal(shapely.make_valid(geom))
+
+
+def polygonal(geom: shapely.Geometry) -> Polygon | MultiPolygon:
+    """The areal part of a repaired geometry (make_valid may return a collection with stray lines or points)."""
+    if isinstance(geom, (Polygon, MultiPolygon)):
+        return geom
+    polygons = [p for p in shapely.get_parts(geom) if isinstance(p, (Polygon, MultiPolygon)) and not p.is_empty]
+    merged = shapely.union_all(polygons)
+    return merged if isinstance(merged, (Polygon, MultiPolygon)) else MultiPolygon()

@@ -1,74 +1,121 @@
-"""GeoPackage writer: schema, metadata, areas in square metres, atomic replacement."""
+"""GeoPackage writer: schema, metadata, areas in square metres, streaming appends, atomic replacement."""
 
 from __future__ import annotations
 
 import json
+import sqlite3
 
 import geopandas as gpd
 import numpy as np
 import pyogrio
 import pytest
-from pyproj import Transformer
-from shapely.geometry import Polygon, box
 import shapely
+from pyproj import Transformer
+from shapely.geometry import MultiPolygon, Polygon, box
 
 from model.errors import UserError
-from pipeline.geopackage import GeoPackageWriter, areas_m2
+from pipeline.geopackage import METADATA_KEY, GeoPackageWriter, areas_m2
+
+X, Y = 733_600, 3_724_700  # Atlanta, UTM 16N
+SCHEMA = {"class_name": "object", "class_id": "int32", "score": "float32", "area_m2": "float64"}
 
 
-def test_layer_fields_crs_and_metadata_round_trip(tmp_path):
+def schema(path) -> dict[str, str]:
+    info = pyogrio.read_info(path)
+    return dict(zip(info["fields"], info["dtypes"]))
+
+
+def test_round_trip_of_two_appended_batches(tmp_path):
     out = tmp_path / "out.gpkg"
-    x, y = 733600, 3724700  # Atlanta, UTM 16N
-    ring = Polygon([(x, y), (x + 10, y), (x + 10, y + 10), (x, y + 10)],
-                   [[(x + 3, y + 3), (x + 6, y + 3), (x + 6, y + 6), (x + 3, y + 6)]])
-    with GeoPackageWriter(out, "EPSG:32616", metadata={"checkpoint": "m.pt", "tile": 512}) as writer:
-        writer.write([ring], [1], ["building"], [0.75])
-        writer.write([box(x + 20, y + 20, x + 25, y + 30)], [2], ["tree"], [0.5])
+    ring = Polygon([(X, Y), (X + 10, Y), (X + 10, Y + 10), (X, Y + 10)],
+                   [[(X + 3, Y + 3), (X + 6, Y + 3), (X + 6, Y + 6), (X + 3, Y + 6)]])
+    two_parts = MultiPolygon([box(X + 20, Y, X + 22, Y + 5), box(X + 30, Y, X + 33, Y + 5)])
+    with GeoPackageWriter(out, "EPSG:32616", metadata={"checkpoint": "m.pt"}) as writer:
+        writer.write([ring, two_parts], [1, 1], ["building", "building"], [0.75, 0.6])
+        writer.write([box(X + 20, Y + 20, X + 25, Y + 30)], [2], ["tree"], [0.5])
+        assert not out.exists()  # nothing under the final name before the end
     frame = gpd.read_file(out)
-    assert frame.crs.to_epsg() == 32616 and list(frame["class_name"]) == ["building", "tree"]
-    assert list(frame["class_id"]) == [1, 2] and frame["score"].iloc[0] == pytest.approx(0.75)
-    assert list(frame["area_m2"]) == pytest.approx([91.0, 50.0], rel=0.002)  # geodesic vs UTM scale factor
-    assert set(frame.geom_type) == {"MultiPolygon"}
-    meta = pyogrio.read_info(out)["layer_metadata"]
-    assert json.loads(meta["aerial_seg_run"]) == {"checkpoint": "m.pt", "tile": 512}
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.gpkg"]  # no temp or sidecar files
+    assert frame.crs.to_epsg() == 32616 and schema(out) == SCHEMA
+    assert list(frame["class_name"]) == ["building", "building", "tree"] and list(frame["class_id"]) == [1, 1, 2]
+    assert list(frame["score"]) == pytest.approx([0.75, 0.6, 0.5])
+    assert list(frame["area_m2"]) == pytest.approx([91.0, 25.0, 50.0], rel=0.003)  # UTM scale factor here
+    assert pyogrio.read_info(out)["geometry_type"] == "MultiPolygon" and set(frame.geom_type) == {"MultiPolygon"}
+    assert frame.geometry.iloc[0].equals(MultiPolygon([ring])) and frame.geometry.iloc[1].equals(two_parts)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.gpkg"]  # no temporary or sidecar files
 
 
-def test_geodesic_area_in_a_geographic_crs_matches_utm():
-    square = box(733600, 3724700, 733700, 3724800)  # 100 m x 100 m in UTM 16N
+def test_metadata_is_stored_in_the_geopackage(tmp_path):
+    out = tmp_path / "out.gpkg"
+    metadata = {"checkpoint": "/models/swin_t.pt", "config": {"tile": 512, "overlap": 64}, "counts": {"tiles": 9}}
+    with GeoPackageWriter(out, "EPSG:32616", metadata=metadata) as writer:
+        writer.write([box(X, Y, X + 1, Y + 1)], [1], ["a"], [0.9])
+    assert json.loads(pyogrio.read_info(out)["layer_metadata"][METADATA_KEY]) == metadata
+    with sqlite3.connect(out) as db:  # inside the file, in GeoPackage's own metadata table
+        stored = [row[0] for row in db.execute("SELECT metadata FROM gpkg_metadata")]
+    assert any("/models/swin_t.pt" in text for text in stored)
+
+
+def test_empty_result_is_a_valid_layer_with_its_schema(tmp_path):
+    out = tmp_path / "empty.gpkg"
+    with GeoPackageWriter(out, "EPSG:4326", layer="crowns", metadata={"instances": 0}):
+        pass
+    info = pyogrio.read_info(out, layer="crowns")
+    assert info["features"] == 0 and info["geometry_type"] == "MultiPolygon" and schema(out) == SCHEMA
+    assert gpd.read_file(out, layer="crowns").crs.to_epsg() == 4326
+    assert json.loads(info["layer_metadata"][METADATA_KEY]) == {"instances": 0}
+
+
+def test_failure_mid_stream_removes_the_partial_file_and_keeps_the_previous_one(tmp_path):
+    out = tmp_path / "out.gpkg"
+    with GeoPackageWriter(out, "EPSG:32616") as writer:
+        writer.write([box(X, Y, X + 1, Y + 1)], [1], ["a"], [0.9])
+    before = out.read_bytes()
+    with pytest.raises(RuntimeError, match="interrupted"):
+        with GeoPackageWriter(out, "EPSG:32616", overwrite=True) as writer:
+            writer.write([box(X, Y, X + 2, Y + 2)] * 3, [1] * 3, ["a"] * 3, [0.1] * 3)
+            raise RuntimeError("interrupted")
+    assert out.read_bytes() == before
+    with pytest.raises(ValueError):  # the writer itself fails on its second batch
+        with GeoPackageWriter(out, "EPSG:32616", overwrite=True) as writer:
+            writer.write([box(X, Y, X + 2, Y + 2)], [1], ["a"], [0.1])
+            writer.write([box(X, Y, X + 2, Y + 2)] * 2, [1], ["a"], [0.1])
+    assert out.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.gpkg"]
+    new = tmp_path / "new.gpkg"
+    with pytest.raises(KeyboardInterrupt):
+        with GeoPackageWriter(new, "EPSG:32616") as writer:
+            writer.write([box(X, Y, X + 2, Y + 2)], [1], ["a"], [0.1])
+            raise KeyboardInterrupt
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.gpkg"]
+
+
+def test_an_existing_file_needs_overwrite(tmp_path):
+    out = tmp_path / "out.gpkg"
+    out.write_bytes(b"previous")
+    with pytest.raises(UserError, match="exists"):
+        with GeoPackageWriter(out, "EPSG:32616"):
+            pass
+    assert out.read_bytes() == b"previous"
+    with GeoPackageWriter(out, "EPSG:32616", overwrite=True) as writer:
+        writer.write([box(X, Y, X + 1, Y + 1)], [1], ["a"], [0.9])
+    assert len(gpd.read_file(out)) == 1
+
+
+def test_areas_are_square_metres_in_projected_and_geographic_crs():
+    square = box(X, Y, X + 100, Y + 100)  # 100 m x 100 m in UTM 16N
     to_wgs84 = Transformer.from_crs("EPSG:32616", "EPSG:4326", always_xy=True).transform
+    in_degrees = shapely.transform(square, lambda xy: np.column_stack(to_wgs84(xy[:, 0], xy[:, 1])))
     (utm,) = areas_m2([square], "EPSG:32616")
-    (geo,) = areas_m2([shapely.transform(square, lambda xy: np.column_stack(to_wgs84(xy[:, 0], xy[:, 1])))],
-                      "EPSG:4326")
-    assert utm == pytest.approx(10_000, rel=0.002) and geo == pytest.approx(10_000, rel=0.005)
-    (feet,) = areas_m2([box(700_000, 600_000, 700_100, 600_100)], "EPSG:2236")  # a US-feet projected CRS
-    assert feet == pytest.approx(10_000 * 0.3048006**2, rel=1e-3)
-    # Web Mercator at 45 degrees north: planar area is twice the truth (1 / cos^2 45); geodesic is right.
+    (geo,) = areas_m2([in_degrees], "EPSG:4326")
+    assert utm == pytest.approx(10_000, rel=0.003) and geo == pytest.approx(utm, rel=0.005)
+    # A US-survey-feet CRS (Florida East): 100 ft x 100 ft on its central meridian, where its scale is ~1.
+    (feet,) = areas_m2([box(656_166, 600_000, 656_266, 600_100)], "EPSG:2236")
+    assert feet == pytest.approx(10_000 * (1200 / 3937) ** 2, rel=1e-3)
+    # Web Mercator at 45 degrees north: planar area is twice the truth (1 / cos^2 45).
     merc = Transformer.from_crs("EPSG:4326", "EPSG:3857", always_xy=True)
     x0, y0 = merc.transform(10.0, 45.0)
     (mercator,) = areas_m2([box(x0, y0, x0 + 141.42, y0 + 141.42)], "EPSG:3857")
     assert mercator == pytest.approx(10_000, rel=0.01)
-
-
-def test_failure_mid_write_keeps_the_previous_file(tmp_path):
-    out = tmp_path / "out.gpkg"
-    with GeoPackageWriter(out, "EPSG:32616") as writer:
-        writer.write([box(0, 0, 1, 1)], [1], ["a"], [0.9])
-    before = out.read_bytes()
-    with pytest.raises(RuntimeError, match="disk full"):
-        with GeoPackageWriter(out, "EPSG:32616", overwrite=True) as writer:
-            writer.write([box(0, 0, 2, 2)] * 3, [1] * 3, ["a"] * 3, [0.1] * 3)
-            raise RuntimeError("disk full")
-    assert out.read_bytes() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.gpkg"]
-    with pytest.raises(UserError, match="exists"):
-        GeoPackageWriter(out, "EPSG:32616").__enter__()
-
-
-def test_empty_result_is_a_valid_layer(tmp_path):
-    out = tmp_path / "empty.gpkg"
-    with GeoPackageWriter(out, "EPSG:4326"):
-        pass
-    frame = gpd.read_file(out)
-    assert len(frame) == 0 and {"class_name", "class_id", "score", "area_m2"} <= set(frame.columns)
-    assert np.isclose(areas_m2([], "EPSG:4326"), []).all()
+    ring = box(X, Y, X + 10, Y + 10).difference(box(X + 3, Y + 3, X + 6, Y + 6))
+    assert areas_m2([ring, MultiPolygon([ring])], "EPSG:32616") == pytest.approx([91.0, 91.0], rel=0.003)
+    assert areas_m2([], "EPSG:4326").shape == (0,)

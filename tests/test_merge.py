@@ -1,28 +1,29 @@
-"""Seam merge, window planning and mask polygonization on synthetic fragments."""
+"""Tile instances and the seam merge, on synthetic scenes seen by a perfect model; window planning."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
-import rasterio.features
-from affine import Affine
 
 from pipeline.instances import Instance, from_tile_prediction
 from pipeline.merge import candidate_pairs, merge_instances
-from pipeline.polygonize import mask_to_geometry
-from pipeline.windows import plan_windows, valid_region
+from pipeline.windows import axis_offsets, plan_windows, valid_region
 
 
-def fragments(scene_mask: np.ndarray, label: int, tile: int, overlap: int, score=0.9) -> list[Instance]:
-    """What a perfect model sees: each window's view of the object, as a cropped instance."""
-    h, w = scene_mask.shape
+def perfect_model(objects: list[tuple[np.ndarray, int]], tile: int, overlap: int, seed: int = 0) -> list[Instance]:
+    """What a perfect model reports tiling the scene: in each window, every object's part inside it (with a
+    score that differs from window to window), through `from_tile_prediction` as the pipeline does."""
+    rng = np.random.default_rng(seed)
+    h, w = objects[0][0].shape
     out = []
     for win in plan_windows(w, h, tile, overlap):
         c, r = int(win.col_off), int(win.row_off)
-        view = np.zeros((tile, tile), dtype=bool)
-        part = scene_mask[r:r + tile, c:c + tile]
-        view[:part.shape[0], :part.shape[1]] = part
-        out += from_tile_prediction(view[None].astype(np.float32), np.array([score]), np.array([label]),
+        views = np.zeros((len(objects), tile, tile), dtype=np.float32)
+        for k, (mask, _) in enumerate(objects):
+            part = mask[r:r + tile, c:c + tile]
+            views[k, :part.shape[0], :part.shape[1]] = part
+        views[:, :, :] *= rng.uniform(0.6, 1.0)  # soft probabilities, all above the mask threshold
+        out += from_tile_prediction(views, rng.uniform(0.5, 1.0, len(objects)), np.array([lab for _, lab in objects]),
                                     (c, r, tile, tile), valid_region(win, w, h), 0.5, 0.1)
     return out
 
@@ -34,55 +35,212 @@ def paste(inst: Instance, shape: tuple[int, int]) -> np.ndarray:
     return full
 
 
-@pytest.mark.parametrize("tile,overlap", [(64, 16), (50, 10), (64, 4)])
-def test_fragments_of_each_object_become_exactly_one(tile, overlap):
-    shape = (150, 170)
+def fits_in_a_window(mask: np.ndarray, tile: int, overlap: int) -> bool:
+    """A perfect model can tie an object's fragments together when one window holds all of it (a connected
+    object needs nothing: its fragments chain through the overlaps)."""
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    return all(any(o <= lo and hi < o + tile for o in axis_offsets(n, tile, overlap))
+               for lo, hi, n in ((rows[0], rows[-1], mask.shape[0]), (cols[0], cols[-1], mask.shape[1])))
+
+
+def grown(mask: np.ndarray) -> np.ndarray:
+    """The mask and its 8 neighbours."""
+    padded = np.pad(mask, 1)
+    h, w = mask.shape
+    return np.any([padded[dr:dr + h, dc:dc + w] for dr in range(3) for dc in range(3)], axis=0)
+
+
+def synthetic_scene(shape: tuple[int, int], tile: int, overlap: int, seed: int) -> list[tuple[np.ndarray, int]]:
+    """Objects across seams: a rectangle at a four-window corner, a bar longer than a tile, then random
+    rectangles, L-shapes, rings with a hole and two-part objects, never overlapping (gaps from 1 px)."""
+    rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:shape[0], 0:shape[1]]
-    stride = tile - overlap
-    objects = [
-        (abs(yy - stride - overlap / 2) < 25) & (abs(xx - stride - overlap / 2) < 25),  # four-window corner
-        (np.hypot(yy - 110, xx - 60) < 18) & (np.hypot(yy - 110, xx - 60) >= 7),  # ring with a hole
-        ((yy >= 10) & (yy < 20) & (xx >= 120) & (xx < 135)) | ((yy >= 10) & (yy < 20) & (xx >= 140) & (xx < 168)),
+    s, o = tile - overlap, overlap
+    designed = [
+        (abs(yy + 0.5 - s - o / 2) < 12) & (abs(xx + 0.5 - s - o / 2) < 12),  # four-window corner
+        (yy >= shape[0] - 8) & (yy < shape[0] - 3) & (xx >= 2) & (xx < shape[1] - 2),  # spans every column
     ]
-    instances = []
-    for i, obj in enumerate(objects):
-        instances += fragments(obj, label=1 + (i == 1), tile=tile, overlap=overlap)
-    merged = merge_instances(instances, 0.5, 0.8)
+    objects = [(m, 1) for m in designed]
+    taken = designed[0] | designed[1]
+    kinds = ["rectangle", "L", "ring", "two parts"]
+    attempts = 0
+    while len(objects) < 40 and attempts < 2000:
+        attempts += 1
+        r, c = rng.integers(0, shape[0] - 30), rng.integers(0, shape[1] - 30)
+        h, w = rng.integers(6, 30, 2)
+        kind = kinds[len(objects) % len(kinds)]
+        box = (yy >= r) & (yy < r + h) & (xx >= c) & (xx < c + w)
+        if kind == "rectangle":
+            mask = box
+        elif kind == "L":
+            mask = box & ((yy < r + max(h // 3, 2)) | (xx < c + max(w // 3, 2)))
+        elif kind == "ring":
+            d = np.hypot(yy - r - 12, xx - c - 12)
+            mask = (d < 12) & (d >= 5)
+        else:
+            mask = box & ((xx < c + w // 2 - 1) | (xx >= c + w // 2 + 1)) if w >= 6 else box
+            if not fits_in_a_window(mask, tile, overlap):
+                continue
+        if (grown(mask) & taken).any():  # keep at least a 1 px gap to every other object
+            continue
+        taken |= mask
+        objects.append((mask, int(rng.integers(1, 3))))
+    return objects
+
+
+@pytest.mark.parametrize("tile,overlap,seed", [(64, 16, 0), (50, 10, 1), (64, 4, 2), (40, 12, 3)])
+def test_every_object_comes_out_exactly_once_with_its_true_mask(tile, overlap, seed):
+    shape = (180, 210)
+    objects = synthetic_scene(shape, tile, overlap, seed)
+    raw = perfect_model(objects, tile, overlap, seed)
+    assert len(raw) > 1.3 * len(objects)  # many objects were cut by seams
+    merged = merge_instances(raw, 0.5, 0.8)
     assert len(merged) == len(objects)
-    for obj in objects:
-        matches = [m for m in merged if (paste(m, shape) & obj).any()]
-        assert len(matches) == 1 and np.array_equal(paste(matches[0], shape), obj)
+    for truth, label in objects:
+        matches = [m for m in merged if (paste(m, shape) & truth).any()]
+        assert len(matches) == 1
+        (m,) = matches
+        assert np.array_equal(paste(m, shape), truth) and m.label == label
+        fragments = [f for f in raw if f.label == label and (paste(f, shape) & truth).any()]
+        best = max(fragments, key=lambda f: f.score)
+        assert m.score == best.score and m.window == best.window  # the highest score among its fragments
+        assert m.mask[0].any() and m.mask[-1].any() and m.mask[:, 0].any() and m.mask[:, -1].any()  # tight
 
 
-def test_neighbours_two_pixels_apart_and_other_classes_stay_separate():
+def test_four_window_corner_fragments_become_one():
+    shape = (112, 112)
+    obj = np.zeros(shape, dtype=bool)
+    obj[40:72, 44:70] = True  # windows at 0 and 48 on both axes: every window sees a part
+    raw = perfect_model([(obj, 1)], 64, 16)
+    assert len(raw) == 4 and len({f.window for f in raw}) == 4
+    (merged,) = merge_instances(raw, 0.5, 0.8)
+    assert np.array_equal(paste(merged, shape), obj)
+
+
+def test_fragments_with_low_whole_mask_iou_merge():
+    shape = (64, 112)
+    obj = np.zeros(shape, dtype=bool)
+    obj[10:40, 40:100] = True  # windows at cols 0 and 48: 24 of 60 columns on the left
+    left, right = perfect_model([(obj, 1)], 64, 16)
+    inter = (paste(left, shape) & paste(right, shape)).sum()
+    assert inter / (paste(left, shape) | paste(right, shape)).sum() < 0.3  # whole-mask IoU would keep two
+    (merged,) = merge_instances([left, right], 0.5, 0.8)
+    assert np.array_equal(paste(merged, shape), obj)
+
+
+def test_masks_that_disagree_near_a_tile_edge_merge_by_intersection_over_the_smaller():
+    # The left window's model stopped 4 px short of its edge: inside the shared columns 48..63 the masks
+    # cover 12 and 16 columns (IoU 0.75, IoS 1.0).
+    left = Instance(row=10, col=30, mask=np.ones((20, 30), dtype=bool), score=0.7, label=1, window=(0, 0, 64, 64))
+    right = Instance(row=10, col=48, mask=np.ones((20, 30), dtype=bool), score=0.8, label=1, window=(48, 0, 64, 64))
+    assert len(merge_instances([left, right], 0.9, 0.8)) == 1
+    # Shifted right by 4: they share 8 of their 12 columns there (IoU 0.5, IoS 0.67).
+    shifted = Instance(row=10, col=52, mask=np.ones((20, 12), dtype=bool), score=0.8, label=1, window=(48, 0, 64, 64))
+    assert len(merge_instances([left, shifted], 0.6, 0.8)) == 2
+    assert len(merge_instances([left, shifted], 0.5, 0.8)) == 1
+    assert len(merge_instances([left, shifted], 0.6, 0.6)) == 1
+
+
+def test_neighbours_two_pixels_apart_across_a_seam_stay_two():
     shape = (100, 120)
     a = np.zeros(shape, dtype=bool)
     b = np.zeros(shape, dtype=bool)
     a[20:50, 30:56] = True
-    b[20:50, 58:90] = True  # 2 px gap, straddling the seam between windows at 0 and 48
-    merged = merge_instances(fragments(a, 1, 64, 16) + fragments(b, 1, 64, 16), 0.5, 0.8)
+    b[20:50, 58:90] = True  # 2 px gap, both straddling the overlap of the windows at 0 and 48
+    merged = merge_instances(perfect_model([(a, 1), (b, 1)], 64, 16), 0.5, 0.8)
     assert len(merged) == 2
-    same_place = fragments(a, 1, 64, 16) + fragments(a, 2, 64, 16)
-    assert len(merge_instances(same_place, 0.5, 0.8)) == 2
+    assert sorted(m.mask.sum() for m in merged) == sorted([a.sum(), b.sum()])
+    touching = np.zeros(shape, dtype=bool)
+    touching[20:50, 56:90] = True  # no gap at all: still two objects, their masks are disjoint
+    assert len(merge_instances(perfect_model([(a, 1), (touching, 1)], 64, 16), 0.5, 0.8)) == 2
 
 
-def test_duplicates_in_one_window_merge_with_the_highest_score():
+def test_different_labels_never_merge():
+    shape = (100, 120)
+    obj = np.zeros(shape, dtype=bool)
+    obj[20:60, 30:90] = True
+    merged = merge_instances(perfect_model([(obj, 1), (obj, 2)], 64, 16), 0.5, 0.8)
+    assert sorted(m.label for m in merged) == [1, 2]
+    assert all(np.array_equal(paste(m, shape), obj) for m in merged)
+
+
+def test_duplicates_in_one_window_merge_on_the_whole_mask():
     mask = np.ones((10, 10), dtype=bool)
     a = Instance(row=5, col=5, mask=mask, score=0.6, label=1, window=(0, 0, 64, 64))
     b = Instance(row=6, col=5, mask=mask, score=0.9, label=1, window=(0, 0, 64, 64))
     (merged,) = merge_instances([a, b], 0.5, 0.8)
-    assert merged.score == 0.9 and merged.mask.shape == (11, 10)
+    assert merged.score == 0.9 and merged.mask.shape == (11, 10) and merged.mask.all()
+    c = Instance(row=5, col=13, mask=mask, score=0.8, label=1, window=(0, 0, 64, 64))  # overlaps a by 2 columns
+    assert len(merge_instances([a, c], 0.5, 0.8)) == 2
 
 
-def test_candidate_pairs_use_the_index_not_all_pairs():
+def test_holes_and_parts_are_kept():
+    ring = np.ones((20, 20), dtype=bool)
+    ring[5:15, 5:15] = False
+    left = Instance(row=0, col=40, mask=ring[:, :16], score=0.5, label=1, window=(0, 0, 56, 64))
+    right = Instance(row=0, col=48, mask=ring[:, 8:], score=0.5, label=1, window=(48, 0, 64, 64))
+    (merged,) = merge_instances([left, right], 0.5, 0.8)
+    assert np.array_equal(merged.mask, ring) and (merged.row, merged.col) == (0, 40)
+
+
+def seam_heavy(n_objects: int, seed: int = 0, tile: int = 64, overlap: int = 16) -> list[Instance]:
+    """Small objects at a fixed density on a tiled scene, each seen (cut) by every window it touches."""
+    rng = np.random.default_rng(seed)
+    side = int(np.sqrt(n_objects / 0.003))
+    offsets = np.array(axis_offsets(side, tile, overlap))
+    out = []
+    for (r, c), (h, w) in zip(rng.integers(0, side - 12, (n_objects, 2)), rng.integers(3, 12, (n_objects, 2))):
+        for wr in offsets[(offsets < r + h) & (offsets + tile > r)]:
+            for wc in offsets[(offsets < c + w) & (offsets + tile > c)]:
+                r0, c0 = max(r, wr), max(c, wc)
+                r1, c1 = min(r + h, wr + tile), min(c + w, wc + tile)
+                out.append(Instance(row=int(r0), col=int(c0), mask=np.ones((r1 - r0, c1 - c0), dtype=bool),
+                                    score=0.5, label=1, window=(int(wc), int(wr), tile, tile)))
+    return out
+
+
+def test_candidate_pairs_grow_linearly_not_quadratically():
+    small, large = seam_heavy(1000), seam_heavy(4000)
+    pairs_small, pairs_large = len(candidate_pairs(small)), len(candidate_pairs(large))
+    assert len(small) > 1300  # many fragments across seams
+    assert pairs_large < 2 * len(large)  # a few per instance, against n^2 / 2 = millions
+    assert pairs_large / pairs_small < 1.5 * len(large) / len(small)  # ~x4 for x4 instances, not x16
+    for i, j in candidate_pairs(small):
+        a, b = small[i].box, small[j].box
+        assert i < j and min(a[2], b[2]) > max(a[0], b[0]) and min(a[3], b[3]) > max(a[1], b[1])
+
+
+def test_candidate_pairs_of_sparse_objects_are_few():
     rng = np.random.default_rng(0)
     instances = [Instance(row=int(r), col=int(c), mask=np.ones((5, 5), dtype=bool), score=0.5, label=1,
                           window=(0, 0, 10_000, 10_000)) for r, c in rng.integers(0, 10_000, (5000, 2))]
-    pairs = candidate_pairs(instances)
-    assert len(pairs) < 200  # sparse objects: a handful of touching boxes, not 12.5 million pairs
-    for i, j in pairs:
-        a, b = instances[i].box, instances[j].box
-        assert min(a[2], b[2]) > max(a[0], b[0]) and min(a[3], b[3]) > max(a[1], b[1])
+    assert len(candidate_pairs(instances)) < 200  # a handful of touching boxes, not 12.5 million pairs
+
+
+def test_tile_prediction_thresholds_crops_and_places_in_scene_pixels():
+    probs = np.zeros((4, 32, 32), dtype=np.float32)
+    probs[0, 3:7, 10:20] = 0.9
+    probs[0, 8, 12] = 0.6  # part of instance 0 after thresholding, so its crop is rows 3..8
+    probs[1, 5:9, 5:9] = 0.4  # below the mask threshold: empty, dropped
+    probs[2, 0:4, 0:4] = 0.9  # score below the score threshold
+    probs[3, 20:30, 28:32] = 0.9  # right edge: partly padding
+    valid = np.ones((32, 32), dtype=bool)
+    valid[:, 30:] = False
+    out = from_tile_prediction(probs, np.array([0.9, 0.8, 0.2, 0.7]), np.array([1, 2, 1, 3]), (100, 200, 32, 32),
+                               valid, 0.5, 0.5)
+    assert [(i.row, i.col, i.mask.shape, i.label, i.window) for i in out] == [
+        (203, 110, (6, 10), 1, (100, 200, 32, 32)), (220, 128, (10, 2), 3, (100, 200, 32, 32))]
+    assert out[0].mask.sum() == 41 and out[0].box == (110, 203, 120, 209) and out[1].mask.all()
+    assert out[0].score == pytest.approx(0.9)
+
+
+def test_padding_never_yields_objects():
+    (win,) = plan_windows(50, 40, 64, 8)
+    everywhere = np.ones((2, 64, 64), dtype=np.float32)
+    everywhere[1, :40, :50] = 0  # only in the padding
+    (inst,) = from_tile_prediction(everywhere, np.array([0.9, 0.9]), np.array([1, 1]), (0, 0, 64, 64),
+                                   valid_region(win, 50, 40), 0.5, 0.5)
+    assert inst.mask.shape == (40, 50) and inst.mask.all()
 
 
 def test_windows_cover_the_scene_full_size_with_edge_shift():
@@ -97,24 +255,3 @@ def test_windows_cover_the_scene_full_size_with_edge_shift():
     (small,) = plan_windows(50, 40, 128, 32)
     assert (small.col_off, small.row_off, small.width) == (0, 0, 128)
     assert valid_region(small, 50, 40).sum() == 50 * 40
-
-
-def test_padding_never_yields_objects():
-    (win,) = plan_windows(50, 40, 64, 8)
-    everywhere = np.ones((1, 64, 64), dtype=np.float32)
-    (inst,) = from_tile_prediction(everywhere, np.array([0.9]), np.array([1]), (0, 0, 64, 64),
-                                   valid_region(win, 50, 40), 0.5, 0.5)
-    assert inst.mask.shape == (40, 50)
-
-
-@pytest.mark.parametrize("transform", [Affine(0.5, 0, 1000, 0, -0.5, 2000), Affine(1e-5, 0, -84.0, 0, -1e-5, 33.0),
-                                       Affine(0.4, 0.1, 10, 0.1, -0.4, 50)])
-def test_polygon_burns_back_onto_exactly_the_mask(transform):
-    rng = np.random.default_rng(3)
-    mask = rng.random((30, 40)) > 0.55  # ragged: holes, many parts, diagonal contacts
-    mask[5:25, 5:35] |= True
-    mask[12:16, 15:20] = False  # a hole
-    geom = mask_to_geometry(mask, 7, 11, transform)
-    assert geom.is_valid
-    burned = rasterio.features.rasterize([geom], out_shape=(37, 51), transform=transform).astype(bool)
-    assert np.array_equal(burned[7:, 11:], mask) and not burned[:7].any() and not burned[:, :11].any()
