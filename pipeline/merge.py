@@ -7,6 +7,10 @@ them (the intersection of the two windows); they are one object when their masks
 detections from the same window (duplicates) are compared on their whole masks with the same thresholds.
 Distinct objects, however close, have disjoint masks and never merge.
 
+Windows that only abut (`overlap` 0) share no pixel, so there the region is the seam itself: the last
+pixel line of one window against the first of the other, one pixel across. Fragments of an object cut by
+the seam line up along it; two objects that merely face each other across the seam with a gap do not touch it.
+
 Candidate pairs come from a spatial index over the boxes, so the cost grows as n log n, never n^2; each
 comparison slices the two small crops, never a tile- or scene-sized array.
 
@@ -15,6 +19,8 @@ window = that best member's window.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import numpy as np
 import shapely
@@ -26,7 +32,8 @@ Rect = tuple[int, int, int, int]  # (col0, row0, col1, row1), scene pixel corner
 
 def candidate_pairs(instances: list[Instance]) -> np.ndarray:
     """(M, 2) index pairs i < j that could be one object: same label, boxes sharing at least one pixel, and,
-    for detections from different windows, that shared part lying where both windows could see it."""
+    for detections from different windows, that shared part lying where both windows could see it; or, for
+    windows that only abut, boxes touching (`same_object` then checks the seam)."""
     if len(instances) < 2:
         return np.zeros((0, 2), dtype=np.int64)
     boxes = np.array([inst.box for inst in instances], dtype=np.int64)
@@ -44,7 +51,9 @@ def candidate_pairs(instances: list[Instance]) -> np.ndarray:
     hi = np.minimum(boxes[i, 2:], boxes[j, 2:])
     lo = np.where(same_window[:, None], lo, np.maximum(lo, np.maximum(wins[i, :2], wins[j, :2])))
     hi = np.where(same_window[:, None], hi, np.minimum(hi, np.minimum(wins[i, 2:], wins[j, 2:])))
-    keep = (hi > lo).all(axis=1)
+    windows_apart = (np.minimum(wins[i, 2:], wins[j, 2:]) <= np.maximum(wins[i, :2], wins[j, :2])).any(axis=1)
+    windows_abut = ~same_window & windows_apart  # touching boxes there can only meet along the seam
+    keep = (hi > lo).all(axis=1) | windows_abut
     return np.stack([i[keep], j[keep]], axis=1)
 
 
@@ -54,14 +63,41 @@ def pixels_in(inst: Instance, rect: Rect) -> np.ndarray:
     return inst.mask[r0:max(rect[3] - inst.row, r0), c0:max(rect[2] - inst.col, c0)]
 
 
+def compared_region(a: Instance, b: Instance) -> tuple[Rect, tuple[int, int]] | None:
+    """Where two detections are compared, and the (col, row) shift that carries b's pixels there.
+
+    Same window: both whole masks, no shift. Overlapping windows: their intersection, no shift. Windows
+    abutting along a seam: a's one-pixel line at the seam, with b's line on the other side shifted onto
+    it. Windows meeting only at a corner, or apart: None (a corner object links through its edge fragments).
+    """
+    if a.window == b.window:
+        (a0, a1, a2, a3), (b0, b1, b2, b3) = a.box, b.box
+        return (min(a0, b0), min(a1, b1), max(a2, b2), max(a3, b3)), (0, 0)
+    (ac, ar, aw, ah), (bc, br, bw, bh) = a.window, b.window
+    lo = [max(ac, bc), max(ar, br)]
+    hi = [min(ac + aw, bc + bw), min(ar + ah, br + bh)]
+    if hi[0] > lo[0] and hi[1] > lo[1]:
+        return (lo[0], lo[1], hi[0], hi[1]), (0, 0)
+    across = [axis for axis in (0, 1) if hi[axis] == lo[axis]]
+    if len(across) != 1 or hi[1 - across[0]] <= lo[1 - across[0]]:
+        return None
+    axis, seam = across[0], lo[across[0]]
+    a_before = (ac, ar)[axis] < seam  # a's window ends at the seam; b's starts there
+    shift = [0, 0]
+    shift[axis] = 1 if a_before else -1
+    lo[axis], hi[axis] = (seam - 1, seam) if a_before else (seam, seam + 1)
+    return (lo[0], lo[1], hi[0], hi[1]), (shift[0], shift[1])
+
+
 def same_object(a: Instance, b: Instance, iou_threshold: float, ios_threshold: float) -> bool:
     """Do two same-class detections show one object? (see the module docstring)"""
+    found = compared_region(a, b)
+    if found is None:
+        return False
+    region, (dc, dr) = found
+    if dc or dr:
+        b = replace(b, col=b.col - dc, row=b.row - dr)  # a view: the mask is not copied
     (a0, a1, a2, a3), (b0, b1, b2, b3) = a.box, b.box
-    if a.window == b.window:
-        region = (min(a0, b0), min(a1, b1), max(a2, b2), max(a3, b3))  # both whole masks
-    else:
-        (ac, ar, aw, ah), (bc, br, bw, bh) = a.window, b.window
-        region = (max(ac, bc), max(ar, br), min(ac + aw, bc + bw), min(ar + ah, br + bh))
     area_a = int(np.count_nonzero(pixels_in(a, region)))
     area_b = int(np.count_nonzero(pixels_in(b, region)))
     if area_a == 0 or area_b == 0:

@@ -88,7 +88,7 @@ def synthetic_scene(shape: tuple[int, int], tile: int, overlap: int, seed: int) 
     return objects
 
 
-@pytest.mark.parametrize("tile,overlap,seed", [(64, 16, 0), (50, 10, 1), (64, 4, 2), (40, 12, 3)])
+@pytest.mark.parametrize("tile,overlap,seed", [(64, 16, 0), (50, 10, 1), (64, 4, 2), (40, 12, 3), (64, 0, 4), (48, 0, 5)])
 def test_every_object_comes_out_exactly_once_with_its_true_mask(tile, overlap, seed):
     shape = (180, 210)
     objects = synthetic_scene(shape, tile, overlap, seed)
@@ -153,6 +153,32 @@ def test_neighbours_two_pixels_apart_across_a_seam_stay_two():
     touching = np.zeros(shape, dtype=bool)
     touching[20:50, 56:90] = True  # no gap at all: still two objects, their masks are disjoint
     assert len(merge_instances(perfect_model([(a, 1), (touching, 1)], 64, 16), 0.5, 0.8)) == 2
+
+
+def test_without_overlap_fragments_join_across_the_seam_line_and_neighbours_stay_apart():
+    shape = (64, 128)  # windows at cols 0 and 64 abut along the seam between columns 63 and 64
+    cut = np.zeros(shape, dtype=bool)
+    cut[10:30, 50:80] = True
+    (merged,) = merge_instances(perfect_model([(cut, 1)], 64, 0), 0.5, 0.8)
+    assert np.array_equal(paste(merged, shape), cut)
+    facing_left, facing_right = np.zeros(shape, dtype=bool), np.zeros(shape, dtype=bool)
+    facing_left[10:30, 40:63] = True  # ends one pixel before the seam
+    facing_right[10:30, 64:90] = True  # starts right at it
+    assert len(merge_instances(perfect_model([(facing_left, 1), (facing_right, 1)], 64, 0), 0.5, 0.8)) == 2
+    offset_left, offset_right = np.zeros(shape, dtype=bool), np.zeros(shape, dtype=bool)
+    offset_left[5:20, 40:64] = True  # both touch the seam, at different rows
+    offset_right[22:40, 64:90] = True
+    assert len(merge_instances(perfect_model([(offset_left, 1), (offset_right, 1)], 64, 0), 0.5, 0.8)) == 2
+
+
+def test_without_overlap_a_four_window_corner_object_becomes_one():
+    shape = (128, 128)
+    obj = np.zeros(shape, dtype=bool)
+    obj[50:80, 54:70] = True
+    raw = perfect_model([(obj, 1)], 64, 0)
+    assert len(raw) == 4
+    (merged,) = merge_instances(raw, 0.5, 0.8)
+    assert np.array_equal(paste(merged, shape), obj)
 
 
 def test_different_labels_never_merge():
