@@ -15,7 +15,9 @@ import geopandas as gpd
 import numpy as np
 import pyogrio
 import shapely
-from pyproj import CRS, Geod, Transformer
+from pyproj import CRS, Transformer
+from pyproj.crs import ProjectedCRS
+from pyproj.crs.coordinate_operation import LambertAzimuthalEqualAreaConversion
 
 from model.files import atomic_path
 
@@ -23,25 +25,26 @@ METADATA_KEY = "aerial_seg_run"
 
 
 def areas_m2(geoms: Sequence[Any], crs: CRS | str) -> np.ndarray:
-    """True areas in square metres: geodesic, on the ellipsoid of the CRS's datum.
+    """True areas in square metres, on the ellipsoid of the CRS's datum.
 
     Planar area is only right in an equal-area projection: Web Mercator inflates it by 1/cos^2(latitude),
-    UTM by its scale factor squared (-0.08 % to +0.2 %), and degrees have no area at all. So coordinates go
-    to the CRS's own geographic CRS (one vectorized transform, which also takes care of linear units such
-    as US survey feet) and the area is measured on that ellipsoid.
+    UTM by its scale factor squared (-0.08 % to +0.2 %), and degrees have no area at all. So all
+    coordinates go, in one vectorized transform (which also takes care of linear units such as US survey
+    feet), to a Lambert azimuthal equal-area projection on the CRS's own ellipsoid, centred on the batch,
+    where planar area is the ellipsoidal area; shapely then measures every polygon at once.
     """
     crs = CRS.from_user_input(crs)
-    geographic = crs.geodetic_crs or CRS.from_epsg(4326)
     geoms = np.asarray(list(geoms), dtype=object)
     if geoms.size == 0:
         return np.zeros(0, dtype=np.float64)
-    if not crs.is_geographic:
-        to_lonlat = Transformer.from_crs(crs, geographic, always_xy=True)
-        geoms = shapely.transform(geoms, lambda xy: np.column_stack(to_lonlat.transform(xy[:, 0], xy[:, 1])))
-    # pyproj sums signed ring areas: exteriors must run counter-clockwise and holes clockwise.
-    geoms = shapely.orient_polygons(geoms, exterior_cw=False)
-    geod = geographic.get_geod() or Geod(ellps="WGS84")
-    return np.array([abs(geod.geometry_area_perimeter(g)[0]) for g in geoms], dtype=np.float64)
+    geographic = crs.geodetic_crs or CRS.from_epsg(4326)
+    # Centred on one of the polygons, never near the projection's antipodal singularity.
+    x, y = shapely.get_coordinates(shapely.point_on_surface(geoms[0]))[0]
+    lon, lat = Transformer.from_crs(crs, geographic, always_xy=True).transform(x, y)
+    equal_area = ProjectedCRS(LambertAzimuthalEqualAreaConversion(lat, lon), geodetic_crs=geographic)
+    project = Transformer.from_crs(crs, equal_area, always_xy=True)
+    projected = shapely.transform(geoms, lambda xy: np.column_stack(project.transform(xy[:, 0], xy[:, 1])))
+    return shapely.area(projected).astype(np.float64)
 
 
 class GeoPackageWriter:

@@ -136,9 +136,9 @@ def union_of(members: list[Instance]) -> Instance:
     return Instance(row=r0, col=c0, mask=mask, score=best.score, label=best.label, window=best.window)
 
 
-def merge_instances(instances: list[Instance], iou_threshold: float, ios_threshold: float) -> list[Instance]:
-    """Group detections of one object (transitively: the four fragments at a four-window corner give one)
-    and unite each group. Output order follows each group's first member in the input."""
+def group(instances: list[Instance], iou_threshold: float, ios_threshold: float) -> list[list[Instance]]:
+    """Detections of one object together (transitively: the four fragments at a four-window corner form one
+    group), groups in the order of their first member in the input."""
     parent = list(range(len(instances)))
     for i, j in candidate_pairs(instances).tolist():
         ri, rj = find(parent, i), find(parent, j)
@@ -147,4 +147,30 @@ def merge_instances(instances: list[Instance], iou_threshold: float, ios_thresho
     groups: dict[int, list[Instance]] = {}
     for i, inst in enumerate(instances):
         groups.setdefault(find(parent, i), []).append(inst)
-    return [union_of(members) for members in groups.values()]
+    return list(groups.values())
+
+
+def merge_instances(instances: list[Instance], iou_threshold: float, ios_threshold: float) -> list[Instance]:
+    """One instance per object: each group of detections united."""
+    return [union_of(members) for members in group(instances, iou_threshold, ios_threshold)]
+
+
+def settle_window(instances: list[Instance], private: Rect, iou_threshold: float,
+                  ios_threshold: float) -> tuple[list[Instance], list[Instance]]:
+    """One window's detections as soon as it is done: (final objects, detections left for the scene merge).
+
+    A group of this window's duplicates lying wholly inside `private` (pixels no other window sees, see
+    `windows.private_regions`) cannot pair with any detection of another window, so the scene-wide merge
+    would form exactly this group: it is final now and can be polygonized while other tiles are computed.
+    Every other group is returned as its original members, so the scene merge sees what it would have seen.
+    """
+    final: list[Instance] = []
+    pending: list[Instance] = []
+    for members in group(instances, iou_threshold, ios_threshold):
+        inside = all(private[0] <= m.col and private[1] <= m.row and m.box[2] <= private[2] and m.box[3] <= private[3]
+                     for m in members)
+        if inside:
+            final.append(union_of(members))
+        else:
+            pending += members
+    return final, pending

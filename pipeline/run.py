@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import pickle
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -19,14 +20,14 @@ from model.errors import UserError
 from model.files import check_writable
 from pipeline.execute import RayPool, ReadSpec, TileResult
 from pipeline.geopackage import GeoPackageWriter
-from pipeline.merge import merge_instances
+from pipeline.merge import merge_instances, settle_window
 from pipeline.polygonize import mask_to_geometry
 from pipeline.predict import CheckpointPredictor
 from pipeline.instances import Instance
 from pipeline.raster import SceneInfo, compute_scaling, is_virtual, open_scene, resolve_bands
 from pipeline.settings import load_settings, settings_overrides
 from pipeline.store import TileStore, fingerprint, state_dir
-from pipeline.windows import plan_windows
+from pipeline.windows import plan_windows, private_regions
 
 WRITE_BATCH = 5000  # polygons per GeoPackage append: bounded memory for millions of instances
 
@@ -135,23 +136,60 @@ def run_scene(
     summary.seconds["plan"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    results = predict_tiles(spec, windows, store, predictor, settings, pool, summary, progress)
-    summary.seconds["read+predict"] = time.perf_counter() - t
+    settled = Settled(private_regions(windows), settings, info)
+    predict_tiles(spec, windows, store, predictor, settings, pool, summary, progress, settled.take)
+    summary.seconds["read+predict"] = time.perf_counter() - t - settled.seconds
+    summary.seconds["settle tiles"] = settled.seconds
+    summary.raw_instances = settled.raw
 
     t = time.perf_counter()
-    raw = [inst for i in sorted(results) for inst in results[i].instances]
-    summary.raw_instances = len(raw)
-    merged = merge_instances(raw, float(settings["merge"]["iou_threshold"]), float(settings["merge"]["ios_threshold"]))
-    del raw
-    summary.merged_instances = len(merged)
+    merged = merge_instances(settled.pending, float(settings["merge"]["iou_threshold"]),
+                             float(settings["merge"]["ios_threshold"]))
+    summary.merged_instances = settled.final + len(merged)
     summary.seconds["merge"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    write_geopackage(merged, output, info, predictor, settings, summary)
+    early = (f for i in sorted(settled.features) for f in settled.features[i])
+    late = (f for m in merged for f in settled.polygons([m]))  # polygonized batch by batch as they are written
+    write_geopackage(itertools.chain(early, late), output, info, predictor, settings, summary)
     summary.seconds["polygonize+write"] = time.perf_counter() - t
     if summary.complete:
         store.remove()
     return summary
+
+
+Feature = tuple[Any, int, float]  # (Polygon | MultiPolygon in the scene's CRS, class id, score)
+
+
+class Settled:
+    """Tiles settled as they arrive, so polygonizing hides behind the model instead of following it.
+
+    Objects lying in their window's private region (`windows.private_regions`) are final at once and are
+    polygonized right away; every other detection waits in `pending` for the scene-wide seam merge, which
+    then gives exactly what merging all detections at the end would give.
+    """
+
+    def __init__(self, private: list[tuple[int, int, int, int]], settings: dict[str, Any], info: SceneInfo):
+        self.private, self.info = private, info
+        self.iou, self.ios = float(settings["merge"]["iou_threshold"]), float(settings["merge"]["ios_threshold"])
+        self.simplify = float(settings["run"]["simplify"])
+        self.features: dict[int, list[Feature]] = {}
+        self.pending: list[Instance] = []
+        self.raw = self.final = 0
+        self.seconds = 0.0
+
+    def take(self, result: TileResult) -> None:
+        t = time.perf_counter()
+        final, pending = settle_window(result.instances, self.private[result.index], self.iou, self.ios)
+        self.features[result.index] = self.polygons(final)
+        self.pending += pending
+        self.raw += len(result.instances)
+        self.final += len(final)
+        self.seconds += time.perf_counter() - t
+
+    def polygons(self, instances: list[Instance]) -> list[Feature]:
+        return [(mask_to_geometry(m.mask, m.row, m.col, self.info.transform, self.simplify), m.label, m.score)
+                for m in instances]
 
 
 def read_spec(scene: str, info: SceneInfo, settings: dict[str, Any]) -> ReadSpec:
@@ -165,16 +203,20 @@ def read_spec(scene: str, info: SceneInfo, settings: dict[str, Any]) -> ReadSpec
 
 
 def predict_tiles(spec: ReadSpec, windows: list[Window], store: TileStore, predictor: Callable,
-                  settings: dict[str, Any], pool: RayPool | None, summary: RunSummary,
-                  progress: bool) -> dict[int, TileResult]:
-    """Results of every window: saved ones from an earlier run, the rest from the Ray pool (each saved as
-    it arrives). Failed windows go into `summary.failed`; Ctrl-C raises `Interrupted`."""
-    results: dict[int, TileResult] = {res.index: res for res in store.saved()}
-    summary.tiles_resumed = len(results)
-    todo = [(i, w) for i, w in enumerate(windows) if i not in results]
+                  settings: dict[str, Any], pool: RayPool | None, summary: RunSummary, progress: bool,
+                  take: Callable[[TileResult], None]) -> None:
+    """Hand every window's result to `take`: saved ones from an earlier run first, then the rest from the
+    Ray pool, each saved as it arrives. Failed windows go into `summary.failed`; Ctrl-C raises `Interrupted`."""
+    done: dict[int, str] = {}
+    found = 0
+    for res in store.saved():
+        take(res)
+        done[res.index] = res.status
+        found += len(res.instances)
+    summary.tiles_resumed = len(done)
+    todo = [(i, w) for i, w in enumerate(windows) if i not in done]
     failed: dict[int, str] = {}
-    found = sum(len(res.instances) for res in results.values())
-    bar = tqdm(total=len(windows), initial=len(results), desc=Path(spec.scene).name, unit="tile",
+    bar = tqdm(total=len(windows), initial=len(done), desc=Path(spec.scene).name, unit="tile",
                disable=not progress)
     try:
         active = pool or RayPool(predictor, settings).__enter__()
@@ -186,7 +228,8 @@ def predict_tiles(spec: ReadSpec, windows: list[Window], store: TileStore, predi
                         failed[res.index] = res.error or "unknown error"
                         continue
                     store.save(res)
-                    results[res.index] = res
+                    take(res)
+                    done[res.index] = res.status
                     found += len(res.instances)
                 bar.update(len(batch))
                 bar.set_postfix(instances=found)
@@ -196,18 +239,17 @@ def predict_tiles(spec: ReadSpec, windows: list[Window], store: TileStore, predi
             if pool is None:
                 active.__exit__(None, None, None)
     except KeyboardInterrupt:
-        raise Interrupted(len(results), len(windows), store.directory) from None
+        raise Interrupted(len(done), len(windows), store.directory) from None
     finally:
         bar.close()
-    summary.tiles_nodata = sum(res.status == "nodata" for res in results.values())
+    summary.tiles_nodata = sum(status == "nodata" for status in done.values())
     summary.failed = [{"window": [int(windows[i].col_off), int(windows[i].row_off), int(windows[i].width),
                                   int(windows[i].height)], "error": error} for i, error in sorted(failed.items())]
-    return results
 
 
-def write_geopackage(merged: list[Instance], output: Path, info: SceneInfo, predictor: Callable, settings: dict[str, Any],
-                     summary: RunSummary) -> None:
-    """Polygonize the merged instances and stream them, with the run's metadata, into the GeoPackage."""
+def write_geopackage(features: Iterable[Feature], output: Path, info: SceneInfo, predictor: Callable,
+                     settings: dict[str, Any], summary: RunSummary) -> None:
+    """Stream the polygons, with the run's metadata, into the GeoPackage."""
     r = settings["run"]
     names = class_names_of(predictor)
     metadata = {
@@ -222,11 +264,10 @@ def write_geopackage(merged: list[Instance], output: Path, info: SceneInfo, pred
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     with GeoPackageWriter(output, info.crs, layer=r["layer"], metadata=metadata, overwrite=bool(r["overwrite"])) as w:
-        for start in range(0, len(merged), WRITE_BATCH):
-            chunk = merged[start:start + WRITE_BATCH]
-            geoms = [mask_to_geometry(m.mask, m.row, m.col, info.transform, float(r["simplify"])) for m in chunk]
-            labels = [m.label for m in chunk]
-            w.write(geoms, labels, [label_name(names, label) for label in labels], [m.score for m in chunk])
+        features = iter(features)
+        while batch := list(itertools.islice(features, WRITE_BATCH)):
+            geoms, labels, scores = zip(*batch)
+            w.write(geoms, labels, [label_name(names, label) for label in labels], scores)
 
 
 def label_name(names: list[str] | None, label: int) -> str:

@@ -38,3 +38,31 @@ def valid_region(window: Window, width: int, height: int) -> np.ndarray:
     valid[: max(0, min(int(window.height), height - int(window.row_off))),
           : max(0, min(int(window.width), width - int(window.col_off)))] = True
     return valid
+
+
+def private_regions(windows: list[Window]) -> list[tuple[int, int, int, int]]:
+    """Per window, the rectangle (col0, row0, col1, row1) of scene pixels that no other window sees, kept one
+    pixel clear of any other window (so it does not touch a seam either); empty when there is none.
+
+    A detection lying inside it can only be a duplicate within its own window, never a fragment of an
+    object another window also saw, so it can be settled as soon as its window is done. Windows form a
+    grid (the product of the column and row offsets), so the region is one rectangle per window.
+    """
+    spans = [sorted({(int(w.col_off), int(w.col_off + w.width)) for w in windows}),
+             sorted({(int(w.row_off), int(w.row_off + w.height)) for w in windows})]
+
+    def private(start: int, stop: int, axis: int) -> tuple[int, int]:
+        lo, hi = start, stop
+        for other_start, other_stop in spans[axis]:
+            if other_start < start:
+                lo = max(lo, other_stop + 1)
+            elif other_start > start:
+                hi = min(hi, other_start - 1)
+        return lo, max(lo, hi)
+
+    regions = []
+    for w in windows:
+        c0, c1 = private(int(w.col_off), int(w.col_off + w.width), 0)
+        r0, r1 = private(int(w.row_off), int(w.row_off + w.height), 1)
+        regions.append((c0, r0, c1, r1))
+    return regions

@@ -119,3 +119,14 @@ def test_areas_are_square_metres_in_projected_and_geographic_crs():
     ring = box(X, Y, X + 10, Y + 10).difference(box(X + 3, Y + 3, X + 6, Y + 6))
     assert areas_m2([ring, MultiPolygon([ring])], "EPSG:32616") == pytest.approx([91.0, 91.0], rel=0.003)
     assert areas_m2([], "EPSG:4326").shape == (0,)
+
+
+def test_areas_match_the_geodesic_area_anywhere_in_a_batch():
+    # A batch spanning a continent (the projection is centred on the first polygon): every area still
+    # matches the area on the ellipsoid, including one across the antimeridian and one near the pole.
+    from pyproj import Geod
+
+    cells = [box(10, 0, 10.01, 0.01), box(40, 60, 40.02, 60.01), box(-70, -50, -69.99, -49.99),
+             box(179.995, 20, 180.005, 20.01), box(-10, 85, -9.9, 85.01)]
+    expected = [abs(Geod(ellps="WGS84").geometry_area_perimeter(shapely.orient_polygons(c))[0]) for c in cells]
+    assert areas_m2(cells, "EPSG:4326") == pytest.approx(expected, rel=1e-6)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from pipeline.instances import Instance, from_tile_prediction
-from pipeline.merge import candidate_pairs, merge_instances
-from pipeline.windows import axis_offsets, plan_windows, valid_region
+from pipeline.merge import candidate_pairs, merge_instances, settle_window
+from pipeline.windows import axis_offsets, plan_windows, private_regions, valid_region
 
 
 def perfect_model(objects: list[tuple[np.ndarray, int]], tile: int, overlap: int, seed: int = 0) -> list[Instance]:
@@ -179,6 +179,51 @@ def test_without_overlap_a_four_window_corner_object_becomes_one():
     assert len(raw) == 4
     (merged,) = merge_instances(raw, 0.5, 0.8)
     assert np.array_equal(paste(merged, shape), obj)
+
+
+def signature(inst: Instance) -> tuple:
+    return inst.box, inst.mask.tobytes(), inst.score, inst.label, inst.window
+
+
+@pytest.mark.parametrize("tile,overlap,seed", [(64, 16, 0), (50, 10, 1), (64, 0, 4), (40, 12, 3)])
+def test_settling_each_window_early_gives_exactly_the_scene_merge(tile, overlap, seed):
+    shape = (180, 210)
+    raw = perfect_model(synthetic_scene(shape, tile, overlap, seed), tile, overlap, seed)
+    rng = np.random.default_rng(seed)
+    for inst in list(raw[::5]):  # duplicates within a window, shifted a little, some reaching out of the core
+        dr, dc = rng.integers(-2, 3, 2)
+        row = min(max(inst.row + dr, inst.window[1]), inst.window[1] + inst.window[3] - inst.mask.shape[0])
+        col = min(max(inst.col + dc, inst.window[0]), inst.window[0] + inst.window[2] - inst.mask.shape[1])
+        raw.append(Instance(row=int(row), col=int(col), mask=inst.mask, score=inst.score / 2, label=inst.label,
+                            window=inst.window))
+    windows = plan_windows(shape[1], shape[0], tile, overlap)
+    private = private_regions(windows)
+    index = {(int(w.col_off), int(w.row_off), int(w.width), int(w.height)): i for i, w in enumerate(windows)}
+    final, pending = [], []
+    for i in range(len(windows)):
+        settled, waiting = settle_window([r for r in raw if index[r.window] == i], private[i], 0.5, 0.8)
+        final += settled
+        pending += waiting
+    assert final and pending  # both paths are exercised
+    early = sorted(map(signature, final + merge_instances(pending, 0.5, 0.8)))
+    assert early == sorted(map(signature, merge_instances(raw, 0.5, 0.8)))
+
+
+@pytest.mark.parametrize("size,tile,overlap", [((300, 200), 64, 16), ((130, 128), 64, 0), ((40, 90), 64, 8),
+                                               ((1000, 600), 512, 64)])
+def test_private_regions_keep_clear_of_every_other_window(size, tile, overlap):
+    windows = plan_windows(size[0], size[1], tile, overlap)
+    seen = np.zeros((len(windows), size[1] + tile, size[0] + tile), dtype=bool)
+    for k, w in enumerate(windows):
+        seen[k, int(w.row_off):int(w.row_off) + tile, int(w.col_off):int(w.col_off) + tile] = True
+    for k, (c0, r0, c1, r1) in enumerate(private_regions(windows)):
+        if c1 <= c0 or r1 <= r0:
+            continue  # a window that others cover entirely has no private pixels
+        assert seen[k, r0:r1, c0:c1].all()  # inside its own window
+        others = np.delete(seen, k, axis=0).any(axis=0)
+        assert not others[max(r0 - 1, 0):r1 + 1, max(c0 - 1, 0):c1 + 1].any()  # one pixel clear of the rest
+    if overlap and len(windows) > 1:
+        assert any(c1 > c0 and r1 > r0 for c0, r0, c1, r1 in private_regions(windows))
 
 
 def test_different_labels_never_merge():

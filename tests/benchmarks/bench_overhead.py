@@ -1,6 +1,7 @@
 """Pipeline overhead: `run` (Ray actor, windowed reads, normalize, merge, polygonize, write) against a plain
 loop of model forwards over the same tiles, same model, same batch size, same threads. Also tiles/s with 1
-and 2 workers (threads per worker = cores / workers).
+and 2 workers: sharing the machine's cores (threads per worker = cores / workers), and at a fixed size per
+worker (cores / 2 threads each), which is how workers add up when each has its own GPU or node.
 
     python -m tests.benchmarks.bench_overhead [--size 3072] [--backbone swin_t] [--batch-size 2]
 """
@@ -76,19 +77,23 @@ def main() -> None:
     ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         timings = {}
-        for workers in (1, 2):
+        per_worker = max(1, cores // 2)
+        for workers, threads in ((1, cores), (2, per_worker), (1, per_worker)):
             t = time.perf_counter()
-            summary = run_scene(scene, work / f"overhead_{workers}.gpkg", checkpoint=str(checkpoint),
+            summary = run_scene(scene, work / f"overhead_{workers}x{threads}.gpkg", checkpoint=str(checkpoint),
                                 tile=args.tile, overlap=args.overlap, batch_size=args.batch_size, workers=workers,
-                                threads_per_worker=max(1, cores // workers), overwrite=True, progress=False)
-            timings[workers] = time.perf_counter() - t
-            lines.append(f"run, {workers} worker(s) x {max(1, cores // workers)} threads: {timings[workers]:.1f} s "
-                         f"({n_tiles / timings[workers]:.2f} tiles/s); stages: "
+                                threads_per_worker=threads, overwrite=True, progress=False)
+            timings[workers, threads] = time.perf_counter() - t
+            lines.append(f"run, {workers} worker(s) x {threads} threads: {timings[workers, threads]:.1f} s "
+                         f"({n_tiles / timings[workers, threads]:.2f} tiles/s); stages: "
                          + ", ".join(f"{k} {v:.1f} s" for k, v in summary.seconds.items()))
             print(lines[-1])
-        lines.append(f"overhead ratio run (1 worker, {cores} threads) / plain loop: {timings[1] / plain:.3f} "
+        lines.append(f"overhead ratio run (1 worker, {cores} threads) / plain loop: {timings[1, cores] / plain:.3f} "
                      "(both include loading the model; Ray itself was started before either clock)")
-        lines.append(f"scaling, tiles/s with 2 workers / 1 worker: {timings[1] / timings[2]:.2f}")
+        lines.append(f"scaling, tiles/s with 2 workers x {per_worker} / 1 worker x {cores} threads (the same cores): "
+                     f"{timings[1, cores] / timings[2, per_worker]:.2f}")
+        lines.append(f"scaling, tiles/s with 2 workers / 1 worker, {per_worker} threads each (as when adding a "
+                     f"GPU or a node per worker): {timings[1, per_worker] / timings[2, per_worker]:.2f}")
         publish("Overhead and worker scaling", "python -m tests.benchmarks.bench_overhead " + " ".join(sys.argv[1:]),
                 lines)
     finally:

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import rasterio
@@ -68,14 +69,22 @@ def seam_scene(path: Path, size: int) -> list[tuple[int, int, int, int]]:
     return boxes
 
 
-def count_outputs(masks: list[np.ndarray], truth: list[tuple[int, int, int, int]]) -> dict:
+def full_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A SAHI mask as a scene-sized boolean array (SAHI may return it cropped at the top left)."""
+    full = np.zeros(shape, dtype=bool)
+    full[:mask.shape[0], :mask.shape[1]] = mask[:shape[0], :shape[1]]
+    return full
+
+
+def count_outputs(masks: Iterable[np.ndarray], truth: list[tuple[int, int, int, int]]) -> dict:
     """Per true object, how many output masks touch it: 1 is right, >1 split or duplicated, 0 missed."""
-    touching = [0] * len(truth)
+    touching, outputs = [0] * len(truth), 0
     for mask in masks:
+        outputs += 1
         for k, (r0, c0, r1, c1) in enumerate(truth):
             if mask[r0:r1, c0:c1].any():
                 touching[k] += 1
-    return {"objects": len(truth), "outputs": len(masks), "exactly_one": sum(t == 1 for t in touching),
+    return {"objects": len(truth), "outputs": outputs, "exactly_one": sum(t == 1 for t in touching),
             "split_or_duplicated": sum(t > 1 for t in touching), "missed": sum(t == 0 for t in touching)}
 
 
@@ -93,17 +102,16 @@ def child(args: argparse.Namespace) -> None:
             from pipeline.run import run_scene
 
             ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+            started = time.perf_counter() - t
             out = Path(args.workdir) / f"ours_{args.part}.gpkg"
             kwargs = {"predictor": model} if args.part == "seams" else {"checkpoint": args.checkpoint}
             run_scene(args.scene, out, tile=TILE, overlap=OVERLAP, batch_size=2, scaling="divide255",
                       score_threshold=0.5, overwrite=True, progress=False, **kwargs)
             ray.shutdown()
+            seconds = time.perf_counter() - t
             import geopandas as gpd
 
-            frame = gpd.read_file(out)
-            with rasterio.open(args.scene) as src:
-                masks = [rasterio.features.rasterize([g], out_shape=src.shape, transform=src.transform).astype(bool)
-                         for g in frame.geometry]
+            outputs = gpd.read_file(out).geometry
         else:
             from sahi.models.torchvision import TorchVisionDetectionModel
             from sahi.predict import get_sliced_prediction
@@ -116,11 +124,18 @@ def child(args: argparse.Namespace) -> None:
             result = get_sliced_prediction(image, wrapped, slice_height=TILE, slice_width=TILE,
                                            overlap_height_ratio=OVERLAP / TILE, overlap_width_ratio=OVERLAP / TILE,
                                            perform_standard_pred=False, verbose=0)
-            masks = [p.mask.bool_mask for p in result.object_prediction_list if p.mask is not None]
-        seconds = time.perf_counter() - t
-    report = {"tool": args.tool, "part": args.part, "seconds": seconds, "peak_mib": mem.peak / 2**20}
+            seconds, started = time.perf_counter() - t, 0.0
+            outputs = [p.mask for p in result.object_prediction_list if p.mask is not None]  # polygons
+        peak = mem.peak  # the tool's own work only: counting below rasterizes outputs one at a time
+    report = {"tool": args.tool, "part": args.part, "seconds": seconds, "ray_start": started, "peak_mib": peak / 2**20,
+              "outputs": len(outputs)}
     if args.part == "seams":
-        report.update(count_outputs(masks, json.loads(Path(args.truth).read_text())))
+        with rasterio.open(args.scene) as src:
+            shape, transform = src.shape, src.transform
+        report.update(count_outputs(
+            (rasterio.features.rasterize([o], out_shape=shape, transform=transform).astype(bool)
+             if args.tool == "ours" else full_mask(o.bool_mask, shape) for o in outputs),
+            json.loads(Path(args.truth).read_text())))
     print("RESULT " + json.dumps(report))
 
 
@@ -171,7 +186,9 @@ def main() -> None:
             if part == "seams":
                 extra = (f"; {r['objects']} true objects on seams -> {r['outputs']} outputs: {r['exactly_one']} "
                          f"exactly once, {r['split_or_duplicated']} split or duplicated, {r['missed']} missed")
-            lines.append(f"{part:5} {tool:4}: {r['seconds']:.1f} s, peak RSS {r['peak_mib']:.0f} MiB{extra}")
+            start = f" (of which starting Ray {r['ray_start']:.1f} s)" if r["ray_start"] else ""
+            lines.append(f"{part:5} {tool:4}: {r['seconds']:.1f} s{start}, peak RSS {r['peak_mib']:.0f} MiB, "
+                         f"{r['outputs']} outputs{extra}")
     s_ours, s_sahi = results[("ours", "speed")], results[("sahi", "speed")]
     lines.append(f"speed: SAHI / ours wall time {s_sahi['seconds'] / s_ours['seconds']:.2f}, "
                  f"peak memory {s_sahi['peak_mib'] / s_ours['peak_mib']:.2f}")
