@@ -36,6 +36,7 @@ class ReadSpec:
     scaling: Scaling
     score_threshold: float
     mask_threshold: float
+    masked: bool = False  # validity also from the scene's alpha band or GDAL mask
 
 
 @dataclass
@@ -76,7 +77,7 @@ class TileWorker:
         images, valids, kept = [], [], []
         for index, window in windows:
             try:
-                raw, valid = read_window(spec.scene, window, spec.bands, spec.nodata)
+                raw, valid = read_window(spec.scene, window, spec.bands, spec.nodata, spec.masked)
             except Exception as exc:  # a corrupt block fails its window, not the run
                 results.append(TileResult(index, "failed", error=f"{type(exc).__name__}: {exc}"))
                 continue

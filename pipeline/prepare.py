@@ -93,7 +93,7 @@ def prepare(scenes: list[str], labels: str, out_dir: str | Path, settings: dict[
     total = sum(len(plan[3]) for plan in plans)
     bar = tqdm(total=total, desc="prepare", unit="tile", disable=not progress)
     for scene_index, (scene, info, inside, windows, sides) in enumerate(plans):
-        bands = resolve_bands(settings["bands"], info.count, scene)
+        bands = resolve_bands(settings["bands"], info.count, scene, info.alpha)
         scaling = compute_scaling(scene, info, settings, bands)
         nodata = settings["nodata"] if settings["nodata"] is not None else info.nodata
         index = inside.sindex
@@ -102,7 +102,7 @@ def prepare(scenes: list[str], labels: str, out_dir: str | Path, settings: dict[
             if side == "drop":
                 counts["dropped_split_border"] += 1
                 continue
-            raw, valid = read_window(scene, window, bands, nodata)
+            raw, valid = read_window(scene, window, bands, nodata, info.masked)
             if not valid.any():
                 counts["skipped_nodata"] += 1
                 continue

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import rasterio
 from affine import Affine
+from rasterio.enums import ColorInterp, MaskFlags
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.windows import Window
 
@@ -37,6 +38,8 @@ class SceneInfo:
     crs: str  # WKT
     transform: Affine
     nodata: float | None
+    alpha: int | None = None  # 1-based alpha band, never fed to the model
+    masked: bool = False  # an alpha band or a GDAL mask says which pixels are valid
 
 
 @dataclass(frozen=True)
@@ -68,9 +71,11 @@ def open_scene(path: str) -> SceneInfo:
             if src.transform == Affine.identity() and not src.gcps[0]:
                 raise UserError(f"{path}: the scene has no geotransform (it is not georeferenced)")
             check_not_truncated(src, path)
+            alpha = next((i + 1 for i, c in enumerate(src.colorinterp) if c == ColorInterp.alpha), None)
+            masked = any(f in src.mask_flag_enums[0] for f in (MaskFlags.alpha, MaskFlags.per_dataset))
             return SceneInfo(path=path, width=src.width, height=src.height, count=src.count,
                              dtype=src.dtypes[0], crs=src.crs.to_wkt(), transform=src.transform,
-                             nodata=src.nodata)
+                             nodata=src.nodata, alpha=alpha, masked=masked)
     except RasterioError as exc:
         raise UserError(f"{path}: not a readable raster ({first_line(exc)})") from None
 
@@ -95,14 +100,17 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def resolve_bands(bands: list[int] | None, count: int, scene: str = "the scene") -> list[int]:
-    """The three 1-based scene bands feeding the model's RGB channels."""
+def resolve_bands(bands: list[int] | None, count: int, scene: str = "the scene",
+                  alpha: int | None = None) -> list[int]:
+    """The three 1-based scene bands feeding the model's RGB channels: by default the first three that are
+    not alpha (RGBA -> 1,2,3), or a single one three times (grey, grey + alpha)."""
     if bands is None:
-        if count >= 3:
-            return [1, 2, 3]
-        if count == 1:
-            return [1, 1, 1]
-        raise UserError(f"{scene}: has {count} bands; say which feed the model's 3 channels with "
+        colour = [b for b in range(1, count + 1) if b != alpha]
+        if len(colour) >= 3:
+            return colour[:3]
+        if len(colour) == 1:
+            return colour * 3
+        raise UserError(f"{scene}: has {len(colour)} colour bands; say which feed the model's 3 channels with "
                         f"--bands (e.g. --bands 1,2,1)")
     bad = [b for b in bands if not 1 <= b <= count]
     if bad:
@@ -127,12 +135,13 @@ def compute_scaling(path: str, info: SceneInfo, settings: dict[str, Any], bands:
     try:
         with rasterio.open(path) as src:
             sample = src.read(unique, out_shape=(len(unique), *shape)).astype(np.float64)
+            keep = src.dataset_mask(out_shape=shape) > 0 if info.masked else np.ones(shape, dtype=bool)
     except RasterioError as exc:
         raise UserError(f"{path}: cannot read the scene for its value statistics ({first_line(exc)})") from None
     p_low, p_high = settings["percentiles"]
     lows, highs = {}, {}
     for i, band in enumerate(unique):
-        values = sample[i]
+        values = sample[i][keep]
         values = values[np.isfinite(values)]
         if nodata is not None:
             values = values[values != nodata]
@@ -144,14 +153,18 @@ def compute_scaling(path: str, info: SceneInfo, settings: dict[str, Any], bands:
     return Scaling(low=tuple(lows[b] for b in bands), high=tuple(highs[b] for b in bands))
 
 
-def read_window(path: str, window: Window, bands: list[int], nodata: float | None) -> tuple[np.ndarray, np.ndarray]:
+def read_window(path: str, window: Window, bands: list[int], nodata: float | None,
+                masked: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Raw C x H x W values of a full-size window (padded past the scene edge) and a bool `valid` mask that is
-    False over padding and over pixels that are nodata in every band read."""
+    False over padding, over pixels that are nodata in every band read and, for a `masked` scene, where its
+    alpha band or GDAL mask says so (the transparent collar of an orthomosaic)."""
     with rasterio.open(path) as src:
         unique = sorted(set(bands))
         fill = nodata if nodata is not None else 0
         data = src.read(unique, window=window, boundless=True, fill_value=fill)
         valid = valid_region(window, src.width, src.height)
+        if masked:
+            valid &= src.dataset_mask(window=window, boundless=True) > 0
     raw = data[[unique.index(b) for b in bands]]
     if nodata is not None:
         valid &= ~np.all(data == nodata, axis=0) if not np.isnan(nodata) else ~np.all(np.isnan(data), axis=0)

@@ -195,8 +195,8 @@ class Settled:
 def read_spec(scene: str, info: SceneInfo, settings: dict[str, Any]) -> ReadSpec:
     """How workers turn this scene's windows into model input (bands, nodata, scaling, thresholds)."""
     r = settings["run"]
-    bands = resolve_bands(settings["bands"], info.count, scene)
-    return ReadSpec(scene=str(scene), bands=bands,
+    bands = resolve_bands(settings["bands"], info.count, scene, info.alpha)
+    return ReadSpec(scene=str(scene), bands=bands, masked=info.masked,
                     nodata=settings["nodata"] if settings["nodata"] is not None else info.nodata,
                     scaling=compute_scaling(scene, info, settings, bands),
                     score_threshold=float(r["score_threshold"]), mask_threshold=float(r["mask_threshold"]))

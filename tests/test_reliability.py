@@ -241,12 +241,48 @@ def test_uint16_and_float32_scenes_work(tmp_path, ray_session, dtype):
     assert features(out) == features(ref_out)
 
 
+@pytest.mark.parametrize("mask_kind", ["alpha band", "internal mask"])
+def test_transparent_pixels_of_an_orthomosaic_never_yield_objects(tmp_path, ray_session, mask_kind):
+    ids, classes = paint_objects(260, 300, TILE, OVERLAP)
+    opaque = np.ones(ids.shape, dtype=bool)
+    opaque[:, 180:] = False  # the collar: image values are still there, but the mask says "no data"
+    scene, reference = tmp_path / "ortho.tif", tmp_path / "cut.tif"
+    profile = dict(driver="GTiff", width=300, height=260, dtype="uint8", crs=UTM[0], transform=UTM[1])
+    rgb = np.stack([ids, classes, np.full_like(ids, 200)])
+    if mask_kind == "alpha band":
+        with rasterio.open(scene, "w", count=4, photometric="RGB", alpha="YES", **profile) as dst:
+            dst.write(np.concatenate([rgb, 255 * opaque[None].astype(np.uint8)]))
+    else:
+        with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True):
+            with rasterio.open(scene, "w", count=3, **profile) as dst:
+                dst.write(rgb)
+                dst.write_mask(opaque)
+    write_scene(reference, np.where(opaque, ids, 0), np.where(opaque, classes, 0), *UTM)
+    out, ref_out = tmp_path / "ortho.gpkg", tmp_path / "cut.gpkg"
+    run_scene(str(scene), out, predictor=OraclePredictor(), tile=TILE, overlap=OVERLAP, progress=False)
+    run_scene(str(reference), ref_out, predictor=OraclePredictor(), tile=TILE, overlap=OVERLAP,
+              scaling="divide255", progress=False)
+    assert features(out) == features(ref_out) and len(features(out)) > 0
+
+
+def test_grey_plus_alpha_feeds_the_grey_band_three_times(tmp_path):
+    from pipeline.raster import open_scene, resolve_bands
+
+    scene = tmp_path / "grey_alpha.tif"
+    write_raster(scene, count=2)
+    with rasterio.open(scene, "r+") as dst:
+        dst.colorinterp = [rasterio.enums.ColorInterp.gray, rasterio.enums.ColorInterp.alpha]
+    info = open_scene(str(scene))
+    assert info.alpha == 2 and info.masked
+    assert resolve_bands(None, info.count, str(scene), info.alpha) == [1, 1, 1]
+
+
 def test_band_count_the_config_cannot_map_is_refused(tmp_path):
     scene = tmp_path / "two_bands.tif"
     write_raster(scene, count=2)
     from model.errors import UserError
 
-    with pytest.raises(UserError, match="two_bands.tif: has 2 bands.*--bands"):
+    with pytest.raises(UserError, match="two_bands.tif: has 2 colour bands.*--bands"):
         run_scene(str(scene), tmp_path / "out.gpkg", predictor=OraclePredictor(), progress=False)
     with pytest.raises(UserError, match=r"bands \[3\] do not exist"):
         run_scene(str(scene), tmp_path / "out.gpkg", predictor=OraclePredictor(), bands=[1, 2, 3], progress=False)

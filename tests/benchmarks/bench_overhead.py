@@ -36,13 +36,13 @@ def plain_loop(scene: str, checkpoint: str, tile: int, overlap: int, batch_size:
     predictor.load()
     info = open_scene(scene)
     settings = load_settings(overrides={"tile": tile, "overlap": overlap})
-    bands = resolve_bands(None, info.count)
+    bands = resolve_bands(None, info.count, scene, info.alpha)
     scaling = compute_scaling(scene, info, settings, bands)
     windows = plan_windows(info.width, info.height, tile, overlap)
     for start in range(0, len(windows), batch_size):
         batch = []
         for window in windows[start:start + batch_size]:
-            raw, _ = read_window(scene, window, bands, info.nodata)
+            raw, _ = read_window(scene, window, bands, info.nodata, info.masked)
             batch.append(torch.from_numpy(normalize(raw, scaling)))
         predictor(batch)
     return time.perf_counter() - t
