@@ -37,9 +37,12 @@ def areas_m2(geoms: Sequence[Any], crs: CRS | str) -> np.ndarray:
     geoms = np.asarray(list(geoms), dtype=object)
     if geoms.size == 0:
         return np.zeros(0, dtype=np.float64)
+    present = geoms[~shapely.is_empty(geoms)]
+    if present.size == 0:
+        return np.zeros(geoms.size, dtype=np.float64)
     geographic = crs.geodetic_crs or CRS.from_epsg(4326)
     # Centred on one of the polygons, never near the projection's antipodal singularity.
-    x, y = shapely.get_coordinates(shapely.point_on_surface(geoms[0]))[0]
+    x, y = shapely.get_coordinates(shapely.point_on_surface(present[0]))[0]
     lon, lat = Transformer.from_crs(crs, geographic, always_xy=True).transform(x, y)
     equal_area = ProjectedCRS(LambertAzimuthalEqualAreaConversion(lat, lon), geodetic_crs=geographic)
     project = Transformer.from_crs(crs, equal_area, always_xy=True)

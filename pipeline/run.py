@@ -188,8 +188,10 @@ class Settled:
         self.seconds += time.perf_counter() - t
 
     def polygons(self, instances: list[Instance]) -> list[Feature]:
-        return [(mask_to_geometry(m.mask, m.row, m.col, self.info.transform, self.simplify), m.label, m.score)
-                for m in instances]
+        """Map polygons of final objects; one whose outline a repair reduced to nothing is left out."""
+        features = [(mask_to_geometry(m.mask, m.row, m.col, self.info.transform, self.simplify), m.label, m.score)
+                    for m in instances]
+        return [f for f in features if not f[0].is_empty]
 
 
 def read_spec(scene: str, info: SceneInfo, settings: dict[str, Any]) -> ReadSpec:

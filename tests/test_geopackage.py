@@ -130,3 +130,10 @@ def test_areas_match_the_geodesic_area_anywhere_in_a_batch():
              box(179.995, 20, 180.005, 20.01), box(-10, 85, -9.9, 85.01)]
     expected = [abs(Geod(ellps="WGS84").geometry_area_perimeter(shapely.orient_polygons(c))[0]) for c in cells]
     assert areas_m2(cells, "EPSG:4326") == pytest.approx(expected, rel=1e-6)
+
+
+def test_an_empty_geometry_has_zero_area_and_does_not_move_the_projection():
+    empty = MultiPolygon()
+    square = box(X, Y, X + 100, Y + 100)
+    assert list(areas_m2([empty, square], "EPSG:32616")) == pytest.approx([0.0, 10_000], rel=0.003)
+    assert list(areas_m2([empty], "EPSG:32616")) == [0.0]
