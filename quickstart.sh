@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Quick start, about 8 minutes on 2 CPU cores: install, cut the bundled SpaceNet sample (real 0.5 m
+# Quick start, 4-5 minutes on 2 CPU cores (packages installed): install, cut the bundled SpaceNet sample (real 0.5 m
 # panchromatic imagery with OpenStreetMap building footprints) into COCO tiles, train a Swin-T Mask R-CNN
 # for a few minutes from random weights, and run the main job on the scene -> out/quickstart/buildings.gpkg.
 # Rerunning skips the install's downloads and resumes training from its checkpoint.
