@@ -143,8 +143,7 @@ def run_scene(
     summary.raw_instances = settled.raw
 
     t = time.perf_counter()
-    merged = merge_instances(settled.pending, float(settings["merge"]["iou_threshold"]),
-                             float(settings["merge"]["ios_threshold"]))
+    merged = merge_instances(settled.pending, settled.iou, settled.ios)
     summary.merged_instances = settled.final + len(merged)
     summary.seconds["merge"] = time.perf_counter() - t
 
