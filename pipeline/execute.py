@@ -88,7 +88,7 @@ class TileWorker:
             valids.append(valid)
             kept.append((index, window))
         if images:
-            with self.model_lock:
+            with self.model_lock, torch.inference_mode():  # no autograd, whatever predictor was passed
                 outputs = self.predictor(images)
             for (index, window), valid, out in zip(kept, valids, outputs):
                 instances = from_tile_prediction(

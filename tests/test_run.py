@@ -84,3 +84,23 @@ def test_output_polygon_burns_back_onto_the_mask(tmp_path, ray_session):
         [(g, i + 1) for i, g in enumerate(result.geometry)], out_shape=ids.shape, transform=transform
     )
     assert np.array_equal(burned > 0, ids > 0)
+
+
+class GradientFreeOracle(OraclePredictor):
+    """A predictor with no `inference_mode` of its own (like a bare nn.Module): the worker must supply it."""
+
+    def __call__(self, images):
+        import torch
+
+        if not torch.is_inference_mode_enabled():
+            raise RuntimeError("the predictor ran with autograd on")
+        return super().__call__(images)
+
+
+def test_any_predictor_runs_without_autograd(tmp_path, ray_session):
+    ids, classes = paint_objects(HEIGHT, WIDTH, TILE, OVERLAP)
+    scene = tmp_path / "scene.tif"
+    write_scene(scene, ids, classes, *CASES["utm"])
+    summary = run_scene(str(scene), tmp_path / "out.gpkg", predictor=GradientFreeOracle(), tile=TILE,
+                        overlap=OVERLAP, scaling="divide255", progress=False)
+    assert summary.complete and summary.merged_instances == len(np.unique(ids)) - 1
