@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -17,30 +16,15 @@ from typing import Any
 import numpy as np
 import rasterio
 import rasterio.windows
-from rasterio.errors import NotGeoreferencedWarning
 from shapely.geometry import box
 from tqdm import tqdm
 
 from model.errors import UserError
 from pipeline.coco import annotation_body
 from pipeline.labels import read_labels, to_scene_crs
-from pipeline.raster import compute_scaling, normalize, open_scene, read_window, resolve_bands
+from pipeline.raster import compute_scaling, normalize, open_scene, read_window, resolve_bands, to_uint8, write_png
 from pipeline.split import spatial_split
 from pipeline.windows import plan_windows
-
-
-def write_png(path: Path, image: np.ndarray) -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", NotGeoreferencedWarning)  # a tile PNG carries its position in the JSON
-        with rasterio.open(path, "w", driver="PNG", width=image.shape[2], height=image.shape[1],
-                           count=image.shape[0], dtype="uint8") as dst:
-            dst.write(image)
-
-
-def to_uint8(image: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    out = np.round(image * 255.0).astype(np.uint8)
-    out[:, ~valid] = 0
-    return out
 
 
 def staging_dir(out: Path) -> Path:

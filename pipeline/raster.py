@@ -13,6 +13,7 @@ import math
 import os
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -129,28 +130,36 @@ def compute_scaling(path: str, info: SceneInfo, settings: dict[str, Any], bands:
         low, high = (float(v) for v in settings["value_range"])
         return Scaling(low=(low,) * len(bands), high=(high,) * len(bands))
     nodata = settings["nodata"] if settings["nodata"] is not None else info.nodata
-    scale = min(1.0, SAMPLE_SIDE / max(info.width, info.height))
-    shape = (max(1, round(info.height * scale)), max(1, round(info.width * scale)))
-    unique = sorted(set(bands))
     try:
-        with rasterio.open(path) as src:
-            sample = src.read(unique, out_shape=(len(unique), *shape)).astype(np.float64)
-            keep = src.dataset_mask(out_shape=shape) > 0 if info.masked else np.ones(shape, dtype=bool)
+        sample, keep, _ = read_overview(path, info, bands)
     except RasterioError as exc:
         raise UserError(f"{path}: cannot read the scene for its value statistics ({first_line(exc)})") from None
     p_low, p_high = settings["percentiles"]
-    lows, highs = {}, {}
-    for i, band in enumerate(unique):
-        values = sample[i][keep]
+    lows, highs = [], []
+    for values in sample.astype(np.float64):
+        values = values[keep]
         values = values[np.isfinite(values)]
         if nodata is not None:
             values = values[values != nodata]
-        if values.size == 0:
-            lows[band], highs[band] = 0.0, 1.0
-            continue
-        lo, hi = np.percentile(values, [p_low, p_high])
-        lows[band], highs[band] = float(lo), float(hi if hi > lo else lo + 1.0)
-    return Scaling(low=tuple(lows[b] for b in bands), high=tuple(highs[b] for b in bands))
+        lo, hi = np.percentile(values, [p_low, p_high]) if values.size else (0.0, 1.0)
+        lows.append(float(lo))
+        highs.append(float(hi if hi > lo else lo + 1.0))
+    return Scaling(low=tuple(lows), high=tuple(highs))
+
+
+def read_overview(path: str, info: SceneInfo, bands: list[int],
+                  max_side: int = SAMPLE_SIDE) -> tuple[np.ndarray, np.ndarray, Affine]:
+    """The whole scene decimated to at most `max_side` px on its long side (GDAL reads overviews when the
+    file has them): raw C x h x w values of `bands`, the bool mask of pixels an alpha band or GDAL mask
+    calls valid, and the affine of that small grid."""
+    scale = min(1.0, max_side / max(info.width, info.height))
+    shape = (max(1, round(info.height * scale)), max(1, round(info.width * scale)))
+    unique = sorted(set(bands))
+    with rasterio.open(path) as src:
+        data = src.read(unique, out_shape=(len(unique), *shape))
+        valid = src.dataset_mask(out_shape=shape) > 0 if info.masked else np.ones(shape, dtype=bool)
+    transform = info.transform * Affine.scale(info.width / shape[1], info.height / shape[0])
+    return data[[unique.index(b) for b in bands]], valid, transform
 
 
 def read_window(path: str, window: Window, bands: list[int], nodata: float | None,
@@ -179,3 +188,19 @@ def normalize(raw: np.ndarray, scaling: Scaling) -> np.ndarray:
     np.clip(out, 0.0, 1.0, out=out)
     np.nan_to_num(out, copy=False, nan=0.0)
     return out
+
+
+def to_uint8(image: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """A [0, 1] float image as 8-bit, black where it is not valid."""
+    out = np.round(image * 255.0).astype(np.uint8)
+    out[:, ~valid] = 0
+    return out
+
+
+def write_png(path: Path, image: np.ndarray) -> None:
+    """An 8-bit C x H x W image as a plain PNG (a picture: its position, if any, is kept elsewhere)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        with rasterio.open(path, "w", driver="PNG", width=image.shape[2], height=image.shape[1],
+                           count=image.shape[0], dtype="uint8") as dst:
+            dst.write(image)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import itertools
 import os
 import pickle
@@ -13,18 +15,20 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from rasterio.errors import RasterioError
 from rasterio.windows import Window
 from tqdm import tqdm
 
 from model.errors import UserError
-from model.files import check_writable
+from model.files import atomic_path, check_writable
 from pipeline.execute import RayPool, ReadSpec, TileResult
 from pipeline.geopackage import GeoPackageWriter
 from pipeline.merge import merge_instances, settle_window
 from pipeline.polygonize import mask_to_geometry
 from pipeline.predict import CheckpointPredictor
+from pipeline.quicklook import Quicklook
 from pipeline.instances import Instance
-from pipeline.raster import SceneInfo, compute_scaling, is_virtual, open_scene, resolve_bands
+from pipeline.raster import SceneInfo, compute_scaling, first_line, is_virtual, open_scene, resolve_bands
 from pipeline.settings import load_settings, settings_overrides
 from pipeline.store import TileStore, fingerprint, state_dir
 from pipeline.windows import plan_windows, private_regions
@@ -54,6 +58,7 @@ class RunSummary:
     worker_restarts: int = 0
     stale_state_cleared: bool = False
     seconds: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def complete(self) -> bool:
@@ -69,6 +74,7 @@ class RunSummary:
             f"  instances: {self.raw_instances} from tiles -> {self.merged_instances} after the seam merge",
             "  seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in s.items()),
         ]
+        out += [f"  warning: {w}" for w in self.warnings]
         if self.failed:
             out.append(f"  INCOMPLETE: {len(self.failed)} tiles failed after retries (col, row, width, height):")
             out += [f"    window {f['window']}: {f['error']}" for f in self.failed[:20]]
@@ -150,8 +156,14 @@ def run_scene(
     t = time.perf_counter()
     early = (f for i in sorted(settled.features) for f in settled.features[i])
     late = (f for m in merged for f in settled.polygons([m]))  # polygonized batch by batch as they are written
-    write_geopackage(itertools.chain(early, late), output, info, predictor, settings, summary)
+    metadata = run_metadata(predictor, settings, summary)
+    quicklook = start_quicklook(scene, info, spec, summary) if settings["run"]["quicklook"] else None
+    write_geopackage(itertools.chain(early, late), output, info, class_names_of(predictor), settings, metadata,
+                     quicklook)
+    if quicklook is not None:
+        quicklook.save(sidecar(output, ".quicklook.png"))
     summary.seconds["polygonize+write"] = time.perf_counter() - t
+    write_report(sidecar(output, ".report.json"), summary, metadata)
     if summary.complete:
         store.remove()
     return summary
@@ -248,12 +260,9 @@ def predict_tiles(spec: ReadSpec, windows: list[Window], store: TileStore, predi
                                   int(windows[i].height)], "error": error} for i, error in sorted(failed.items())]
 
 
-def write_geopackage(features: Iterable[Feature], output: Path, info: SceneInfo, predictor: Callable,
-                     settings: dict[str, Any], summary: RunSummary) -> None:
-    """Stream the polygons, with the run's metadata, into the GeoPackage."""
-    r = settings["run"]
-    names = class_names_of(predictor)
-    metadata = {
+def run_metadata(predictor: Callable, settings: dict[str, Any], summary: RunSummary) -> dict[str, Any]:
+    """What produced this output: stored in the GeoPackage and in the run report."""
+    return {
         "scene": summary.scene if is_virtual(summary.scene) else os.path.abspath(summary.scene),
         "checkpoint": getattr(predictor, "checkpoint", None),
         "predictor": predictor_identity(predictor),
@@ -264,11 +273,41 @@ def write_geopackage(features: Iterable[Feature], output: Path, info: SceneInfo,
         "complete": summary.complete,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def write_geopackage(features: Iterable[Feature], output: Path, info: SceneInfo, names: list[str] | None,
+                     settings: dict[str, Any], metadata: dict[str, Any], quicklook: Quicklook | None) -> None:
+    """Stream the polygons, with the run's metadata, into the GeoPackage (and onto the quicklook)."""
+    r = settings["run"]
     with GeoPackageWriter(output, info.crs, layer=r["layer"], metadata=metadata, overwrite=bool(r["overwrite"])) as w:
         features = iter(features)
         while batch := list(itertools.islice(features, WRITE_BATCH)):
             geoms, labels, scores = zip(*batch)
             w.write(geoms, labels, [label_name(names, label) for label in labels], scores)
+            if quicklook is not None:
+                quicklook.draw(geoms, labels)
+
+
+def start_quicklook(scene: str, info: SceneInfo, spec: ReadSpec, summary: RunSummary) -> Quicklook | None:
+    """The quicklook canvas, or None with a warning when the overview cannot be read (e.g. a corrupt
+    block): a missing picture must not cost the user the polygons."""
+    try:
+        return Quicklook(scene, info, spec.bands, spec.scaling)
+    except RasterioError as exc:
+        summary.warnings.append(f"no quicklook: the scene overview could not be read ({first_line(exc)})")
+        return None
+
+
+def sidecar(output: Path, suffix: str) -> Path:
+    """`out.gpkg` -> `out.quicklook.png`, `out.report.json`."""
+    return output.with_name(output.stem + suffix)
+
+
+def write_report(path: Path, summary: RunSummary, metadata: dict[str, Any]) -> None:
+    """The run report (JSON): what produced the output, the counts and the timings."""
+    report = {**metadata, "summary": dataclasses.asdict(summary)}
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(report, indent=2, default=str))
 
 
 def label_name(names: list[str] | None, label: int) -> str:

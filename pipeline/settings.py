@@ -40,6 +40,7 @@ DEFAULTS: dict[str, Any] = {
         "batches_in_flight": 2,  # per worker: bounds memory whatever the scene size
         "simplify": 0.0,  # polygon simplification tolerance in pixels (0: exact pixel outlines)
         "layer": "instances",
+        "quicklook": True,  # OUTPUT.quicklook.png: the scene overview with the polygons outlined
         "checkpoint": None,
         "overwrite": False,
     },

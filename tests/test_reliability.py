@@ -327,6 +327,10 @@ def test_corrupt_block_is_reported_by_window_and_marks_the_output_incomplete(tmp
     import pyogrio
 
     assert '"complete": false' in pyogrio.read_info(out)["layer_metadata"]["aerial_seg_run"]
+    # The overview cannot be read either: no quicklook, said once, and the polygons are still delivered.
+    assert not (tmp_path / "out.quicklook.png").exists()
+    assert any("no quicklook" in w for w in summary.warnings)
+    assert '"complete": false' in (tmp_path / "out.report.json").read_text()
 
 
 def test_unwritable_output_directory_is_refused_before_work(tmp_path, monkeypatch, scene):

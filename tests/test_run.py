@@ -104,3 +104,32 @@ def test_any_predictor_runs_without_autograd(tmp_path, ray_session):
     summary = run_scene(str(scene), tmp_path / "out.gpkg", predictor=GradientFreeOracle(), tile=TILE,
                         overlap=OVERLAP, scaling="divide255", progress=False)
     assert summary.complete and summary.merged_instances == len(np.unique(ids)) - 1
+
+
+def test_quicklook_and_report_sit_beside_the_output(tmp_path, ray_session):
+    import json
+
+    from pipeline.quicklook import PALETTE
+
+    ids, classes = paint_objects(HEIGHT, WIDTH, TILE, OVERLAP)
+    scene = tmp_path / "scene.tif"
+    write_scene(scene, ids, classes, *CASES["utm"])
+    out = tmp_path / "out.gpkg"
+    summary = run_scene(str(scene), out, predictor=OraclePredictor(), tile=TILE, overlap=OVERLAP,
+                        scaling="divide255", progress=False)
+
+    with rasterio.open(tmp_path / "out.quicklook.png") as png:
+        picture = png.read()
+    assert picture.shape == (3, HEIGHT, WIDTH)  # smaller than 1024 px: drawn at full size
+    for class_id in (1, 2):  # each class's outline in its colour, on the boundary of its objects
+        drawn = np.all(picture == PALETTE[class_id - 1][:, None, None], axis=0)
+        objects = classes > 0
+        assert drawn.sum() > 50 and (drawn & (classes == class_id) | ~objects).sum() >= 0.9 * drawn.sum()
+    padded = np.pad(ids > 0, 2)
+    near = np.any([padded[r:r + HEIGHT, c:c + WIDTH] for r in range(5) for c in range(5)], axis=0)
+    assert np.array_equal(picture[0][~near], ids[~near])  # away from outlines: the image itself (band 1 = ids)
+
+    report = json.loads((tmp_path / "out.report.json").read_text())
+    assert report["summary"]["merged_instances"] == summary.merged_instances == len(gpd.read_file(out))
+    assert report["complete"] is True and report["scene"] == str(scene.resolve())
+    assert set(report["summary"]["seconds"]) >= {"read+predict", "merge", "polygonize+write"}

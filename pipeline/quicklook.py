@@ -1,0 +1,38 @@
+"""Quicklook PNG beside the output: the scene's overview with the polygons outlined, one colour per class,
+for a glance without a GIS. Drawn batch by batch as the polygons are written, on a canvas of at most
+`max_side` px, so it costs the same whatever the scene size."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rasterio.features
+
+from model.files import atomic_path
+from pipeline.raster import Scaling, SceneInfo, normalize, read_overview, to_uint8, write_png
+
+# Class 1, 2, ... outline colours (RGB), chosen to stand out on imagery; they repeat after the last one.
+PALETTE = np.array([(255, 40, 40), (40, 220, 255), (255, 220, 0), (255, 0, 200), (60, 255, 60),
+                    (255, 140, 0), (150, 100, 255), (255, 255, 255)], dtype=np.uint8)
+
+
+class Quicklook:
+    def __init__(self, scene: str, info: SceneInfo, bands: list[int], scaling: Scaling, max_side: int = 1024):
+        raw, valid, self.transform = read_overview(scene, info, bands, max_side)
+        self.image = to_uint8(normalize(raw, scaling), valid)
+        self.classes = np.zeros(valid.shape, dtype=np.int32)  # class id of an outline pixel, 0: none
+
+    def draw(self, geoms: Sequence[Any], class_ids: Sequence[int]) -> None:
+        shapes = [(g.boundary, int(c)) for g, c in zip(geoms, class_ids) if not g.is_empty]
+        if shapes:
+            rasterio.features.rasterize(shapes, out=self.classes, transform=self.transform, all_touched=True)
+
+    def save(self, path: Path) -> None:
+        rgb = self.image.copy()
+        drawn = self.classes > 0
+        rgb[:, drawn] = PALETTE[(self.classes[drawn] - 1) % len(PALETTE)].T
+        with atomic_path(path) as tmp:
+            write_png(tmp, rgb)
