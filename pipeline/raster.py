@@ -155,9 +155,23 @@ def read_overview(path: str, info: SceneInfo, bands: list[int],
     scale = min(1.0, max_side / max(info.width, info.height))
     shape = (max(1, round(info.height * scale)), max(1, round(info.width * scale)))
     unique = sorted(set(bands))
+    data = np.empty((len(unique), *shape), dtype=info.dtype)
+    valid = np.ones(shape, dtype=bool)
+    # A file without overviews is decimated from full-resolution blocks. Read one row of blocks at a time
+    # with a block cache of a few such rows (a strip may straddle two), so each block is decoded once and
+    # the driver never holds the scene in GDAL's cache (5 % of RAM by default, which a 20k^2 scene fills).
     with rasterio.open(path) as src:
-        data = src.read(unique, out_shape=(len(unique), *shape))
-        valid = src.dataset_mask(out_shape=shape) > 0 if info.masked else np.ones(shape, dtype=bool)
+        block_rows = src.block_shapes[0][0]
+        row_of_blocks = info.width * block_rows * src.count * np.dtype(info.dtype).itemsize
+    with rasterio.Env(GDAL_CACHEMAX=max(16 * 2**20, 4 * row_of_blocks)), rasterio.open(path) as src:  # bytes
+        step = max(1, math.floor(block_rows * shape[0] / info.height))
+        for i0 in range(0, shape[0], step):
+            i1 = min(i0 + step, shape[0])
+            rows_per_sample = info.height / shape[0]  # a fractional window keeps GDAL's sampling grid
+            window = Window(0, i0 * rows_per_sample, info.width, (i1 - i0) * rows_per_sample)
+            data[:, i0:i1] = src.read(unique, window=window, out_shape=(len(unique), i1 - i0, shape[1]))
+            if info.masked:
+                valid[i0:i1] = src.dataset_mask(window=window, out_shape=(i1 - i0, shape[1])) > 0
     transform = info.transform * Affine.scale(info.width / shape[1], info.height / shape[0])
     return data[[unique.index(b) for b in bands]], valid, transform
 

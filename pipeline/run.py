@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import itertools
+import json
 import os
 import pickle
 import time
