@@ -51,11 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("run", help="tiled inference over GeoTIFF scenes -> GeoPackage of instance polygons")
-    p.add_argument("scenes", nargs="+", metavar="SCENE", help="GeoTIFF (local, COG, /vsicurl/, /vsis3/)")
+    p.add_argument("scenes", nargs="+", metavar="SCENE",
+                   help="GeoTIFF (local, COG, /vsicurl/, /vsis3/), a glob pattern ('tiles/*.tif') or a scene list "
+                        "(.txt, one per line)")
     p.add_argument("--checkpoint", help="trained model (.pt) from `python -m pipeline train`")
     out = p.add_mutually_exclusive_group()
-    out.add_argument("-o", "--output", help="output GeoPackage (one scene)")
-    out.add_argument("--out-dir", help="directory for SCENE_NAME.gpkg per scene (default: beside each scene)")
+    out.add_argument("-o", "--output", help="one GeoPackage; with several scenes, one layer per scene")
+    out.add_argument("--out-dir", help="one SCENE.gpkg per scene in this directory (default: beside each scene)")
     add_reading_options(p)
     p.add_argument("--batch-size", type=int, help="tiles per model forward")
     p.add_argument("--score-threshold", type=float, help="drop detections scoring below this")
@@ -111,30 +113,29 @@ def _options(args: argparse.Namespace, names: list[str]) -> dict[str, Any]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from pipeline.batch import run_scenes
     from pipeline.execute import RayPool
     from pipeline.predict import CheckpointPredictor
-    from pipeline.run import run_scene
+    from pipeline.scenes import expand_scenes
     from pipeline.settings import load_settings, settings_overrides
 
-    if args.output and len(args.scenes) > 1:
-        raise UserError("-o/--output takes one scene; use --out-dir for several")
-    options = _options(args, ["tile", "overlap", "bands", "overwrite", "batch_size", "score_threshold", "device",
+    options = _options(args, ["tile", "overlap", "bands", "batch_size", "score_threshold", "device",
                               "ray_address", "workers", "gpus_per_worker", "threads_per_worker", "simplify"])
     settings = load_settings(args.config, settings_overrides(options))  # refuse bad options before any work
+    scenes = expand_scenes(args.scenes)
     checkpoint = args.checkpoint or settings["run"]["checkpoint"]
     if not checkpoint:
         raise UserError("no model given: pass --checkpoint model.pt (train one with `python -m pipeline train "
                         "--config configs/swin_t.yaml --data DIR --out model.pt`)")
     predictor = CheckpointPredictor(checkpoint, settings["run"]["device"])
-    outputs = [Path(args.output)] if args.output else [
-        (Path(args.out_dir) if args.out_dir else Path(s).parent) / (Path(s).stem + ".gpkg") for s in args.scenes
-    ]
     if args.out_dir:
         Path(args.out_dir).mkdir(parents=True, exist_ok=True)
     code = 0
     with RayPool(predictor, settings) as pool:
-        for scene, output in zip(args.scenes, outputs):
-            summary = run_scene(scene, output, predictor, config=args.config, pool=pool, **options)
+        for summary in run_scenes(scenes, predictor, pool, output=Path(args.output) if args.output else None,
+                                  out_dir=Path(args.out_dir) if args.out_dir else None,
+                                  overwrite=bool(args.overwrite or settings["run"]["overwrite"]),
+                                  config=args.config, **options):
             print("\n".join(summary.lines()))
             if not summary.complete:
                 code = EXIT_INCOMPLETE

@@ -13,10 +13,8 @@ import rasterio.features
 
 from model.files import atomic_path
 from pipeline.raster import Scaling, SceneInfo, normalize, read_overview, to_uint8, write_png
+from pipeline.style import PALETTE
 
-# Class 1, 2, ... outline colours (RGB), chosen to stand out on imagery; they repeat after the last one.
-PALETTE = np.array([(255, 40, 40), (40, 220, 255), (255, 220, 0), (255, 0, 200), (60, 255, 60),
-                    (255, 140, 0), (150, 100, 255), (255, 255, 255)], dtype=np.uint8)
 
 
 class Quicklook:

@@ -22,13 +22,14 @@ from tqdm import tqdm
 from model.errors import UserError
 from model.files import atomic_path, check_writable
 from pipeline.execute import RayPool, ReadSpec, TileResult
-from pipeline.geopackage import GeoPackageWriter
+from pipeline.geopackage import GeoPackageWriter, read_run_metadata
 from pipeline.merge import merge_instances, settle_window
 from pipeline.polygonize import mask_to_geometry
 from pipeline.predict import CheckpointPredictor
 from pipeline.quicklook import Quicklook
 from pipeline.instances import Instance
 from pipeline.raster import SceneInfo, compute_scaling, first_line, is_virtual, open_scene, resolve_bands
+from pipeline.scenes import scene_name
 from pipeline.settings import load_settings, settings_overrides
 from pipeline.store import TileStore, fingerprint, state_dir
 from pipeline.windows import plan_windows, private_regions
@@ -57,6 +58,8 @@ class RunSummary:
     resubmitted_tiles: int = 0
     worker_restarts: int = 0
     stale_state_cleared: bool = False
+    layer: str = ""
+    up_to_date: bool = False  # the output already held this result (same scene, model and options): skipped
     seconds: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
@@ -66,8 +69,11 @@ class RunSummary:
 
     def lines(self) -> list[str]:
         s = self.seconds
+        if self.up_to_date:
+            return [f"{self.scene} -> {self.output} (layer {self.layer}): up to date, skipped (same scene, model "
+                    "and options; --overwrite to redo)"]
         out = [
-            f"{self.scene} -> {self.output}",
+            f"{self.scene} -> {self.output} (layer {self.layer})",
             f"  tiles: {self.tiles} ({self.tiles_nodata} all-nodata skipped, {self.tiles_resumed} resumed from "
             f"a previous run, {self.resubmitted_tiles} re-submitted after a lost worker, "
             f"{self.worker_restarts} lost workers replaced)",
@@ -109,6 +115,9 @@ def run_scene(
     config: str | Path | None = None,
     progress: bool = True,
     pool: RayPool | None = None,
+    layer: str | None = None,
+    keep_other_layers: bool = False,
+    sidecar_base: Path | None = None,
     **options: Any,
 ) -> RunSummary:
     """Run the whole pipeline on one scene and write a GeoPackage to `output`.
@@ -117,6 +126,14 @@ def run_scene(
     torchvision Mask R-CNN eval outputs; default: the model in `checkpoint`. `options`: any key of
     configs/pipeline.yaml (flat names, e.g. tile=256, batch_size=4, iou_threshold=0.6). `pool`: reuse
     running Ray actors across scenes (the CLI does); by default Ray is started and stopped here.
+    `layer`: the layer name (default: the `layer` setting, else named after the scene). `keep_other_layers`:
+    add the layer to the GeoPackage at `output` instead of replacing the file (scenes collected in one file;
+    a layer already holding this very result is kept and the scene skipped). `sidecar_base`: where the
+    quicklook and report go (default: beside `output`, named after it).
+
+    An existing output made from the same scene, model and options is left as it is (`up_to_date`), so a
+    rerun of a many-scene job after an interruption goes straight to the scenes that are not done; one
+    that is incomplete (failed windows) is redone, anything else needs `overwrite`.
     """
     settings = load_settings(config, settings_overrides(options))
     r = settings["run"]
@@ -127,17 +144,22 @@ def run_scene(
                             "or pass a predictor")
         predictor = CheckpointPredictor(checkpoint, r["device"])
     output = Path(output)
-    summary = RunSummary(scene=str(scene), output=str(output))
+    layer = layer or r["layer"] or scene_name(scene)
+    summary = RunSummary(scene=str(scene), output=str(output), layer=layer)
 
     t = time.perf_counter()
     info = open_scene(scene)
-    check_output(output, bool(r["overwrite"]))
+    check_output(output)
     spec = read_spec(scene, info, settings)
     windows = plan_windows(info.width, info.height, settings["tile"], settings["overlap"])
     summary.tiles = len(windows)
     key = fingerprint({"scene": scene_identity(scene), "predictor": predictor_identity(predictor),
                        "read": spec, "tile": settings["tile"], "overlap": settings["overlap"]})
-    store = TileStore(state_dir(output), key)
+    result_key = fingerprint({"tiles": key, "merge": settings["merge"], "simplify": r["simplify"]})
+    if reusable_output(output, layer, result_key, bool(r["overwrite"]), keep_other_layers):
+        summary.up_to_date = True
+        return summary
+    store = TileStore(state_dir(output, layer if keep_other_layers else None), key)
     summary.stale_state_cleared = store.stale
     summary.seconds["plan"] = time.perf_counter() - t
 
@@ -156,14 +178,15 @@ def run_scene(
     t = time.perf_counter()
     early = (f for i in sorted(settled.features) for f in settled.features[i])
     late = (f for m in merged for f in settled.polygons([m]))  # polygonized batch by batch as they are written
-    metadata = run_metadata(predictor, settings, summary)
+    metadata = {**run_metadata(predictor, settings, summary), "result_fingerprint": result_key}
     quicklook = start_quicklook(scene, info, spec, summary) if settings["run"]["quicklook"] else None
-    write_geopackage(itertools.chain(early, late), output, info, class_names_of(predictor), settings, metadata,
-                     quicklook)
+    with GeoPackageWriter(output, info.crs, layer=layer, metadata=metadata, overwrite=True,
+                          class_names=class_names_of(predictor), keep_other_layers=keep_other_layers) as writer:
+        write_features(itertools.chain(early, late), writer, class_names_of(predictor), quicklook)
     if quicklook is not None:
-        quicklook.save(sidecar(output, ".quicklook.png"))
+        quicklook.save(sidecar(sidecar_base or output, ".quicklook.png"))
     summary.seconds["polygonize+write"] = time.perf_counter() - t
-    write_report(sidecar(output, ".report.json"), summary, metadata)
+    write_report(sidecar(sidecar_base or output, ".report.json"), summary, metadata)
     if summary.complete:
         store.remove()
     return summary
@@ -275,17 +298,15 @@ def run_metadata(predictor: Callable, settings: dict[str, Any], summary: RunSumm
     }
 
 
-def write_geopackage(features: Iterable[Feature], output: Path, info: SceneInfo, names: list[str] | None,
-                     settings: dict[str, Any], metadata: dict[str, Any], quicklook: Quicklook | None) -> None:
-    """Stream the polygons, with the run's metadata, into the GeoPackage (and onto the quicklook)."""
-    r = settings["run"]
-    with GeoPackageWriter(output, info.crs, layer=r["layer"], metadata=metadata, overwrite=bool(r["overwrite"])) as w:
-        features = iter(features)
-        while batch := list(itertools.islice(features, WRITE_BATCH)):
-            geoms, labels, scores = zip(*batch)
-            w.write(geoms, labels, [label_name(names, label) for label in labels], scores)
-            if quicklook is not None:
-                quicklook.draw(geoms, labels)
+def write_features(features: Iterable[Feature], writer: GeoPackageWriter, names: list[str] | None,
+                   quicklook: Quicklook | None) -> None:
+    """Stream the polygons into the GeoPackage layer (and onto the quicklook), a batch at a time."""
+    features = iter(features)
+    while batch := list(itertools.islice(features, WRITE_BATCH)):
+        geoms, labels, scores = zip(*batch)
+        writer.write(geoms, labels, [label_name(names, label) for label in labels], scores)
+        if quicklook is not None:
+            quicklook.draw(geoms, labels)
 
 
 def start_quicklook(scene: str, info: SceneInfo, spec: ReadSpec, summary: RunSummary) -> Quicklook | None:
@@ -324,8 +345,22 @@ def scene_identity(scene: str) -> dict[str, Any]:
         return {"path": str(scene)}
 
 
-def check_output(output: Path, overwrite: bool) -> None:
+def check_output(output: Path) -> None:
     """Refuse an unusable output before any tile is computed."""
     if output.suffix.lower() != ".gpkg":
         raise UserError(f"{output}: the output must be a GeoPackage (.gpkg)")
-    check_writable(output, overwrite)
+    check_writable(output, overwrite=True)
+
+
+def reusable_output(output: Path, layer: str, result_key: str, overwrite: bool, keep_other_layers: bool) -> bool:
+    """True when `output` already holds this result, complete; raises when it holds something else that
+    may not be replaced. An incomplete result of the same run is ours to redo."""
+    if not output.exists():
+        return False
+    previous = read_run_metadata(output, layer) or {}
+    same = previous.get("result_fingerprint") == result_key
+    if same and previous.get("complete") and not (overwrite and not keep_other_layers):
+        return True
+    if not (same or overwrite or keep_other_layers):
+        raise UserError(f"{output}: file exists (use --overwrite to replace it)")
+    return False

@@ -39,7 +39,7 @@ DEFAULTS: dict[str, Any] = {
         "threads_per_worker": None,  # torch threads per worker; None: cores / workers
         "batches_in_flight": 2,  # per worker: bounds memory whatever the scene size
         "simplify": 0.0,  # polygon simplification tolerance in pixels (0: exact pixel outlines)
-        "layer": "instances",
+        "layer": None,  # GeoPackage layer name; None: named after the scene
         "quicklook": True,  # OUTPUT.quicklook.png: the scene overview with the polygons outlined
         "checkpoint": None,
         "overwrite": False,

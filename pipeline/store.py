@@ -21,9 +21,10 @@ from pipeline.execute import TileResult
 from pipeline.instances import Instance
 
 
-def state_dir(output: str | Path) -> Path:
+def state_dir(output: str | Path, layer: str | None = None) -> Path:
+    """`.OUT.gpkg.tiles` beside the output; `.OUT.gpkg.LAYER.tiles` for one of several layers in one file."""
     output = Path(output)
-    return output.with_name(f".{output.name}.tiles")
+    return output.with_name(f".{output.name}.{layer}.tiles" if layer else f".{output.name}.tiles")
 
 
 def fingerprint(parts: dict[str, Any]) -> str:

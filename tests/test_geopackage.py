@@ -137,3 +137,34 @@ def test_an_empty_geometry_has_zero_area_and_does_not_move_the_projection():
     square = box(X, Y, X + 100, Y + 100)
     assert list(areas_m2([empty, square], "EPSG:32616")) == pytest.approx([0.0, 10_000], rel=0.003)
     assert list(areas_m2([empty], "EPSG:32616")) == [0.0]
+
+
+def test_each_layer_carries_a_default_qgis_style_with_a_colour_per_class(tmp_path):
+    import xml.etree.ElementTree as ET
+
+    from pipeline.style import PALETTE
+
+    out = tmp_path / "out.gpkg"
+    with GeoPackageWriter(out, "EPSG:32616", layer="north", class_names=["building", "tree"]) as writer:
+        writer.write([box(X, Y, X + 1, Y + 1)], [1], ["building"], [0.9])
+    for _ in range(2):  # a second layer; the same layer again replaces its style row, never duplicates it
+        with GeoPackageWriter(out, "EPSG:32616", layer="south", keep_other_layers=True) as writer:
+            writer.write([box(X, Y, X + 1, Y + 1)] * 2, [3, 1], ["car", "building"], [0.9, 0.8])
+    assert [name for name, _ in pyogrio.list_layers(out)] == ["north", "south", "layer_styles"]
+    with sqlite3.connect(out) as db:
+        rows = db.execute("SELECT f_table_name, f_geometry_column, useAsDefault, styleQML FROM layer_styles "
+                          "ORDER BY f_table_name").fetchall()
+        registered = db.execute("SELECT data_type FROM gpkg_contents WHERE table_name = 'layer_styles'").fetchone()
+    assert registered == ("attributes",)  # a user table registered as the GeoPackage standard asks
+    assert [(r[0], r[1], r[2]) for r in rows] == [("north", "geom", 1), ("south", "geom", 1)]
+    for (layer, _, _, qml), classes in zip(rows, [{"building": 1, "tree": 2}, {"building": 1, "car": 3}]):
+        root = ET.fromstring(qml.split("\n", 1)[1])
+        renderer = root.find("renderer-v2")
+        assert renderer.get("type") == "categorizedSymbol" and renderer.get("attr") == "class_name"
+        categories = {c.get("value"): c.get("symbol") for c in renderer.iter("category")}
+        assert set(categories) == set(classes)
+        for value, symbol in categories.items():
+            layer_props = renderer.find(f"symbols/symbol[@name='{symbol}']/layer")
+            props = {p.get("k"): p.get("v") for p in layer_props.iter("prop")}
+            rgb = ",".join(str(int(v)) for v in PALETTE[classes[value] - 1])
+            assert props["outline_color"] == f"{rgb},255" and props["color"].startswith(rgb)

@@ -109,7 +109,7 @@ def test_any_predictor_runs_without_autograd(tmp_path, ray_session):
 def test_quicklook_and_report_sit_beside_the_output(tmp_path, ray_session):
     import json
 
-    from pipeline.quicklook import PALETTE
+    from pipeline.style import PALETTE
 
     ids, classes = paint_objects(HEIGHT, WIDTH, TILE, OVERLAP)
     scene = tmp_path / "scene.tif"
