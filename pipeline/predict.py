@@ -6,6 +6,7 @@ Any callable with that contract (and an optional `class_names`) can replace the 
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -18,7 +19,8 @@ class CheckpointPredictor:
 
     def __init__(self, checkpoint: str, device: str = "cpu"):
         payload = read_checkpoint(checkpoint)  # fail fast in the driver, with a one-line error
-        self.checkpoint = str(checkpoint)
+        # Ray actors may run in another working directory (on a cluster, always): keep an absolute path.
+        self.checkpoint = os.path.abspath(checkpoint)
         self.device = device
         self.class_names: list[str] = list(payload["class_names"])
         self.config: dict[str, Any] = payload["config"]

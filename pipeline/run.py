@@ -171,7 +171,7 @@ def run_scene(
     summary.raw_instances = settled.raw
 
     t = time.perf_counter()
-    merged = merge_instances(settled.pending, settled.iou, settled.ios)
+    merged = merge_instances(settled.pending(), settled.iou, settled.ios)
     summary.merged_instances = settled.final + len(merged)
     summary.seconds["merge"] = time.perf_counter() - t
 
@@ -199,8 +199,9 @@ class Settled:
     """Tiles settled as they arrive, so polygonizing hides behind the model instead of following it.
 
     Objects lying in their window's private region (`windows.private_regions`) are final at once and are
-    polygonized right away; every other detection waits in `pending` for the scene-wide seam merge, which
-    then gives exactly what merging all detections at the end would give.
+    polygonized right away; every other detection waits in `pending()` for the scene-wide seam merge, which
+    then gives exactly what merging all detections at the end would give. Both are kept by window, so the
+    output's rows come in the same order whatever order the tiles finish in (on a cluster or not).
     """
 
     def __init__(self, private: list[tuple[int, int, int, int]], settings: dict[str, Any], info: SceneInfo):
@@ -208,7 +209,7 @@ class Settled:
         self.iou, self.ios = float(settings["merge"]["iou_threshold"]), float(settings["merge"]["ios_threshold"])
         self.simplify = float(settings["run"]["simplify"])
         self.features: dict[int, list[Feature]] = {}
-        self.pending: list[Instance] = []
+        self.waiting: dict[int, list[Instance]] = {}
         self.raw = self.final = 0
         self.seconds = 0.0
 
@@ -216,10 +217,14 @@ class Settled:
         t = time.perf_counter()
         final, pending = settle_window(result.instances, self.private[result.index], self.iou, self.ios)
         self.features[result.index] = self.polygons(final)
-        self.pending += pending
+        self.waiting[result.index] = pending
         self.raw += len(result.instances)
         self.final += len(final)
         self.seconds += time.perf_counter() - t
+
+    def pending(self) -> list[Instance]:
+        """Detections left for the scene-wide merge, in window order."""
+        return [m for i in sorted(self.waiting) for m in self.waiting[i]]
 
     def polygons(self, instances: list[Instance]) -> list[Feature]:
         """Map polygons of final objects; one whose outline a repair reduced to nothing is left out."""
@@ -232,7 +237,8 @@ def read_spec(scene: str, info: SceneInfo, settings: dict[str, Any]) -> ReadSpec
     """How workers turn this scene's windows into model input (bands, nodata, scaling, thresholds)."""
     r = settings["run"]
     bands = resolve_bands(settings["bands"], info.count, scene, info.alpha)
-    return ReadSpec(scene=str(scene), bands=bands, masked=info.masked,
+    # Workers on other nodes (or in another working directory) get an absolute path.
+    return ReadSpec(scene=str(scene) if is_virtual(scene) else os.path.abspath(scene), bands=bands, masked=info.masked,
                     nodata=settings["nodata"] if settings["nodata"] is not None else info.nodata,
                     scaling=compute_scaling(scene, info, settings, bands),
                     score_threshold=float(r["score_threshold"]), mask_threshold=float(r["mask_threshold"]))

@@ -24,13 +24,9 @@ OPTIONS = {"tile": TILE, "overlap": OVERLAP, "scaling": "divide255", "progress":
 
 
 @pytest.fixture(scope="module")
-def pool():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+def pool(ray_session):
     with RayPool(OraclePredictor(), load_settings(None)) as shared:
         yield shared
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -39,15 +39,6 @@ class SlowOracle(OraclePredictor):
         return super().__call__(images)
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield
-    ray.shutdown()
-
-
 @pytest.fixture
 def scene(tmp_path) -> Path:
     ids, classes = paint_objects(260, 300, TILE, OVERLAP)

@@ -19,15 +19,6 @@ TILE, OVERLAP = 128, 32
 HEIGHT, WIDTH = 260, 300
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield
-    ray.shutdown()
-
-
 def truth_polygons(ids: np.ndarray, transform: Affine) -> dict[int, object]:
     polys: dict[int, list] = {}
     for geom, value in rasterio.features.shapes(ids, mask=ids > 0, transform=transform):

@@ -74,7 +74,7 @@ def main() -> None:
              f"plain loop: {n_tiles} tiles in {plain:.1f} s ({n_tiles / plain:.2f} tiles/s)"]
     print(lines[-1])
 
-    ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=cores, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         timings = {}
         per_worker = max(1, cores // 2)

@@ -99,7 +99,7 @@ def child(args: argparse.Namespace) -> None:
 
             from pipeline.run import run_scene
 
-            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+            ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
             started = time.perf_counter() - t
             out = Path(args.workdir) / f"ours_{args.part}.gpkg"
             kwargs = {"predictor": BrightRegions()} if args.part == "seams" else {"checkpoint": args.checkpoint}
