@@ -136,6 +136,8 @@ def validate(config: dict[str, Any]) -> None:
         raise UserError(f"optimizer.name '{config['optimizer']['name']}' is not one of adamw, sgd")
     if float(config["optimizer"]["lr"]) <= 0:
         raise UserError("optimizer.lr must be positive")
+    if int(config["train"]["batch_size"]) < 1:
+        raise UserError("train.batch_size must be at least 1 (the batch optimizer.lr is meant for)")
     if sorted(config["schedule"]["milestones"]) != list(config["schedule"]["milestones"]) or not all(
         0 < float(f) < 1 for f in config["schedule"]["milestones"]
     ):

@@ -30,8 +30,16 @@ def no_decay_parameter_ids(model: nn.Module) -> set[int]:
     return ids
 
 
-def build_optimizer(model: nn.Module, config: dict[str, Any]) -> torch.optim.Optimizer:
+def scaled_lr(config: dict[str, Any], global_batch: int) -> float:
+    """Linear scaling rule (Goyal et al., 2017): `optimizer.lr` is the rate for `train.batch_size` images per
+    step; a step over k times as many images (more workers or a bigger batch) takes a k times larger step."""
+    return float(config["optimizer"]["lr"]) * int(global_batch) / int(config["train"]["batch_size"])
+
+
+def build_optimizer(model: nn.Module, config: dict[str, Any], global_batch: int | None = None) -> torch.optim.Optimizer:
+    """`global_batch`: images per optimizer step over all workers (default: the config's train.batch_size)."""
     o = config["optimizer"]
+    lr = scaled_lr(config, global_batch or int(config["train"]["batch_size"]))
     skip = no_decay_parameter_ids(model)
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
@@ -39,8 +47,8 @@ def build_optimizer(model: nn.Module, config: dict[str, Any]) -> torch.optim.Opt
         {"params": [p for p in params if id(p) in skip], "weight_decay": 0.0},
     ]
     if o["name"] == "sgd":
-        return torch.optim.SGD(groups, lr=float(o["lr"]), momentum=float(o["momentum"]))
-    return torch.optim.AdamW(groups, lr=float(o["lr"]))
+        return torch.optim.SGD(groups, lr=lr, momentum=float(o["momentum"]))
+    return torch.optim.AdamW(groups, lr=lr)
 
 
 def lr_factor(iteration: int, total_iters: int, schedule: dict[str, Any]) -> float:
