@@ -89,6 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_training_options(p)
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint at --out")
     p.add_argument("--validate", action="store_true", help="COCO AP on DATA/val after each epoch")
+    p.add_argument("--workers", type=int, help="data-parallel training on N Ray Train workers, each with "
+                   "--batch-size images (default: this process alone)")
+    p.add_argument("--gpus-per-worker", type=float, help="with --workers and --device cuda (default 1)")
+    p.add_argument("--threads-per-worker", type=int, help="torch threads per worker (default: CPUs / workers)")
+    p.add_argument("--ray-address", help="with --workers; none: Ray in-process; 'auto' or HOST:PORT: a cluster")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="COCO bbox and mask AP of a checkpoint on COCO tiles")
@@ -158,9 +163,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     from model.train import TrainOptions, train
 
     config = load_config(args.config)
-    summary = train(config, TrainOptions(data=Path(args.data), out=Path(args.out), iters=args.iters,
-                                         epochs=args.epochs, batch_size=args.batch_size, device=args.device,
-                                         seed=args.seed, resume=args.resume, validate=args.validate))
+    options = TrainOptions(data=Path(args.data), out=Path(args.out), iters=args.iters, epochs=args.epochs,
+                           batch_size=args.batch_size, device=args.device, seed=args.seed, resume=args.resume,
+                           validate=args.validate)
+    cluster = _options(args, ["gpus_per_worker", "threads_per_worker", "ray_address"])
+    if args.workers is None:
+        if cluster:
+            raise UserError(f"--{'/--'.join(k.replace('_', '-') for k in cluster)} needs --workers N")
+        summary = train(config, options)
+    else:
+        from model.distributed import WorkerOptions, train_distributed
+
+        summary = train_distributed(config, options, WorkerOptions(args.workers, **cluster))
     print(json.dumps({k: v for k, v in summary.items() if k != "val"}, indent=2))
     return 0
 
