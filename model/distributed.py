@@ -20,6 +20,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from model.backbones import resolve_weights_path
+from model.config import merge
 from model.errors import UserError
 from model.cluster import connect_ray
 from model.train import Plan, ProgressBar, TrainOptions, build_session, plan_training, run_loop
@@ -38,10 +40,19 @@ def check_worker_options(workers: WorkerOptions, device: str) -> None:
         raise UserError("--workers must be at least 1")
     if workers.gpus_per_worker is not None and device != "cuda":
         raise UserError("--gpus-per-worker needs --device cuda")
-    if workers.gpus_per_worker is not None and workers.gpus_per_worker <= 0:
-        raise UserError("--gpus-per-worker must be positive")
+    if workers.gpus_per_worker is not None and workers.gpus_per_worker < 1:
+        raise UserError("--gpus-per-worker must be at least 1: each worker drives its own GPU (nccl ranks cannot "
+                        "share one)")
     if workers.threads_per_worker is not None and workers.threads_per_worker < 1:
         raise UserError("--threads-per-worker must be at least 1")
+
+
+def absolute_weights(config: dict[str, Any]) -> dict[str, Any]:
+    """Workers run in a directory of Ray's: find ImageNet weights here, by absolute path (or refuse now)."""
+    weights = config["model"]["backbone"]["weights"]
+    if not weights:
+        return config
+    return merge(config, {"model": {"backbone": {"weights": str(resolve_weights_path(weights).resolve())}}})
 
 
 def worker_resources(workers: WorkerOptions, device: str) -> dict[str, float]:
@@ -170,13 +181,13 @@ def follow(trainer: Any, progress: Any, plan: Plan, show: bool) -> dict[str, Any
 def train_distributed(config: dict[str, Any], options: TrainOptions, workers: WorkerOptions) -> dict[str, Any]:
     """Train on `workers.workers` Ray Train workers; the same checkpoint, losses CSV and summary as `train`."""
     import ray
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     check_worker_options(workers, options.device)
     # Workers run in a directory of Ray's: give them absolute paths.
     options = replace(options, data=options.data.resolve(), out=options.out.resolve())
-    plan = plan_training(config, options, workers.workers)
+    plan = plan_training(absolute_weights(config), options, workers.workers)
     started_ray = connect_ray(workers.ray_address)
     try:
         resources = worker_resources(workers, options.device)
@@ -191,7 +202,8 @@ def train_distributed(config: dict[str, Any], options: TrainOptions, workers: Wo
                 torch_config=TorchConfig(backend="nccl" if options.device == "cuda" else "gloo"),
                 scaling_config=ScalingConfig(num_workers=workers.workers, use_gpu=options.device == "cuda",
                                              resources_per_worker=resources),
-                run_config=RunConfig(name="train", storage_path=storage),
+                # No retries: Ray Train would restart the loop from its start; --resume is the way back.
+                run_config=RunConfig(name="train", storage_path=storage, failure_config=FailureConfig(max_failures=0)),
             )
             return follow(trainer, progress, plan, options.progress)
         finally:

@@ -21,7 +21,8 @@ import torch
 from model.checkpoint import load_checkpoint, read_checkpoint
 from model.config import load_config
 from model.dataset import CocoTiles
-from model.distributed import Progress, WorkerOptions, train_distributed, training_error, worker_resources
+from model.distributed import (Progress, WorkerOptions, absolute_weights, train_distributed, training_error,
+                               worker_resources)
 from model.errors import UserError
 from model.optim import scaled_lr
 from model.train import (AugmentedTiles, TrainOptions, batches, build_session, epoch_order, losses_path,
@@ -199,3 +200,13 @@ def test_bad_input_is_one_line(ray_session, pair, tmp_path, capsys, flags, messa
                  "--iters", "1", *flags])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("error: ") and err.endswith(message) and "\n" not in err
+
+
+def test_weights_are_found_before_the_workers_change_directory(tmp_path, monkeypatch):
+    config = load_config("configs/swin_t.yaml", {"model": {"backbone": {"weights": "swin.pth"}}})
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "swin.pth").write_bytes(b"")
+    assert absolute_weights(config)["model"]["backbone"]["weights"] == str(tmp_path / "swin.pth")
+    (tmp_path / "swin.pth").unlink()
+    with pytest.raises(UserError, match="not found"):
+        absolute_weights(config)
