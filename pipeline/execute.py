@@ -8,8 +8,6 @@ process, lost node) the pool replaces it with a fresh one and re-submits its bat
 
 from __future__ import annotations
 
-import os
-import signal
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -20,6 +18,7 @@ import torch
 from rasterio.windows import Window
 
 from model.errors import UserError
+from pipeline.cluster import start_ray
 from pipeline.instances import Instance, from_tile_prediction
 from pipeline.raster import Scaling, normalize, read_window
 
@@ -124,20 +123,7 @@ class RayPool:
         import ray
 
         r = self.run
-        # Ray installs a fatal SIGTERM handler of its own; keep the caller's (SIGTERM = save and stop).
-        previous = signal.getsignal(signal.SIGTERM)
-        if not ray.is_initialized():
-            if r["ray_address"]:
-                try:
-                    ray.init(address=r["ray_address"], log_to_driver=False, configure_logging=False)
-                except Exception as exc:
-                    raise UserError(f"cannot connect to the Ray cluster at {r['ray_address']}: {exc}") from None
-            else:
-                ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
-                         configure_logging=False)
-            self.started_ray = True
-            if callable(previous) and threading.current_thread() is threading.main_thread():
-                signal.signal(signal.SIGTERM, previous)
+        self.started_ray = start_ray(r["ray_address"])
         total_cpus = float(ray.cluster_resources().get("CPU", 1.0))
         workers = int(r["workers"])
         threads = int(r["threads_per_worker"] or max(1, int(total_cpus // workers)))
