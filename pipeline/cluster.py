@@ -29,8 +29,9 @@ def start_ray(address: str | None) -> bool:
             ray.init(address=address, log_to_driver=False, configure_logging=False)
         except Exception as exc:
             raise UserError(f"cannot connect to the Ray cluster at {address}: {exc}") from None
-    else:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, configure_logging=False)
+    else:  # "local": a Ray of our own even when `ray start` left a cluster running on this machine
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
     if callable(previous) and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, previous)
     return True
