@@ -335,9 +335,9 @@ def cut_part(part: Part, scaling: Scaling, staging: Path) -> dict[str, Any]:
         window = Window(col, row, w, h)
         try:
             raw, valid = read_window(part.scene, window, part.bands, part.nodata, part.info.masked)
-        except RasterioError as exc:
+        except RasterioError as exc:  # GDAL's own message (the failed block) is in the chained error
             raise UserError(f"{part.scene}: cannot read the window at column {col}, row {row} "
-                            f"({first_line(exc)})") from None
+                            f"({first_line(exc.__cause__ or exc)})") from None
         if not valid.any():
             counts["skipped_nodata"] += 1
             continue
