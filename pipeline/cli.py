@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--empty-fraction", type=float, help="fraction of label-free tiles kept")
     p.add_argument("--val-fraction", type=float, help="fraction of spatial blocks for validation")
     p.add_argument("--seed", type=int)
-    p.add_argument("--workers", type=int, help="parallel Ray tasks (default: 1 for one scene, every CPU for several)")
+    p.add_argument("--workers", type=int, help="parallel Ray tasks (default: this process alone; with "
+                                               "--ray-address, every CPU of the cluster)")
     p.add_argument("--ray-address", help="none: this machine; 'auto' or HOST:PORT: an existing Ray cluster "
                                          "(--out and the scenes must be on storage every node sees)")
     p.set_defaults(func=cmd_prepare)

@@ -227,7 +227,7 @@ def cut_parts(todo: list[Part], parts: list[Part], staging: Path, settings: dict
         bar.set_postfix(scenes=f"{n_scenes - len(scenes_left)}/{n_scenes}")
 
     try:
-        if todo and use_ray(p, n_scenes):
+        if todo and use_ray(p):
             cut_on_ray(todo, staging, settings, p["workers"], p["ray_address"], done)
         else:
             cut_here(todo, staging, settings, done)
@@ -238,14 +238,10 @@ def cut_parts(todo: list[Part], parts: list[Part], staging: Path, settings: dict
         bar.close()
 
 
-def use_ray(p: dict[str, Any], n_scenes: int) -> bool:
-    """Ray when asked (--workers N > 1, --ray-address) or for several scenes; one scene alone is cut in this
-    process, which saves Ray's start-up."""
-    if p["ray_address"]:
-        return True
-    if p["workers"] is not None:
-        return int(p["workers"]) > 1
-    return n_scenes > 1
+def use_ray(p: dict[str, Any]) -> bool:
+    """Ray only when asked (--workers N > 1, --ray-address): starting Ray in-process costs 8-10 s on a
+    2-core machine (docs/benchmarks.md), more than many whole prepare jobs, whatever their scene count."""
+    return bool(p["ray_address"]) or int(p["workers"] or 1) > 1
 
 
 def cut_here(todo: list[Part], staging: Path, settings: dict[str, Any], done: Callable[[Part], None]) -> None:

@@ -28,7 +28,7 @@ DEFAULTS: dict[str, Any] = {
         "block_tiles": 2,  # spatial split block edge, in tiles
         "seed": 0,
         # How the cutting runs, never what it produces (left out of resume keys and summary.json):
-        "workers": None,  # parallel Ray tasks; None: one process for one scene, every CPU for several
+        "workers": None,  # parallel Ray tasks; None: this process alone, or every CPU of the --ray-address cluster
         "ray_address": None,  # None: this machine; "auto" or "HOST:PORT": an existing Ray cluster
     },
     "run": {

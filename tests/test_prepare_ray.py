@@ -100,7 +100,8 @@ def test_ray_output_equals_one_process(tmp_path, job, ray_session):
     two = prepare(scenes, labels, tmp_path / "two", job_settings(workers=2), progress=False)
     assert one == two
     assert snapshot(tmp_path / "one") == snapshot(tmp_path / "two")  # PNG bytes, annotations, summary.json
-    coco = {split: json.loads((tmp_path / "two" / split / "annotations.json").read_text()) for split in ("train", "val")}
+    coco = {split: json.loads((tmp_path / "two" / split / "annotations.json").read_text())
+            for split in ("train", "val")}
     # Every scene contributes tiles and objects, including the WGS84 one; ids follow scene then window order.
     assert {Path(im["scene"]).stem for split in coco.values() for im in split["images"]} == {"a", "b", "c"}
     assert all(split["annotations"] for split in coco.values())
