@@ -4,7 +4,7 @@ Tiles are the same windows `run` uses (full size, edge windows shifted inward) a
 scaling, written as 8-bit RGB PNGs. Each COCO image record also carries its scene, window, CRS and affine so
 any prediction on it can be mapped back to the map.
 
-The work is cut into parts of `PART_WINDOWS` consecutive windows of one scene. The driver plans every part
+The work is cut into parts of at most `PART_WINDOWS` consecutive windows of one scene. The driver plans every part
 (so bad input fails before any tile is written), then cuts them here in one process or as Ray tasks; each
 finished part leaves its PNGs and a small JSON in the staging directory, keyed by a fingerprint of what
 decides its result, so a rerun after an interruption redoes only the unfinished parts. The COCO files are
@@ -44,8 +44,8 @@ from pipeline.split import spatial_split
 from pipeline.windows import plan_windows
 
 SPLITS = ("train", "val")
-# Windows per task. Small parts balance a few big scenes over many workers and let a failed or interrupted
-# run lose little; the fixed size (never derived from --workers) keeps the resume keys stable.
+# Most windows per task. Small parts balance a few big scenes over many workers and let a failed or
+# interrupted run lose little; a size never derived from --workers keeps the resume keys stable.
 PART_WINDOWS = 16
 PART_FORMAT = 1  # version of the saved part files: bump when what a part saves changes
 EXECUTION_KEYS = ("workers", "ray_address")  # how the cutting runs, never what it produces
@@ -148,10 +148,10 @@ def plan_scene(scene: str, scene_index: int, frame: gpd.GeoDataFrame, settings: 
     identity = scene_identity(scene)
     key_settings = {k: v for k, v in output_settings(settings).items() if k not in ("run", "merge")}
     parts = []
-    for first in range(0, len(windows), PART_WINDOWS):
-        chunk = windows[first:first + PART_WINDOWS]
+    for first, stop in part_spans(len(windows)):
+        chunk = windows[first:stop]
         boxes = [(int(w.col_off), int(w.row_off), int(w.width), int(w.height)) for w in chunk]
-        part_sides = sides[first:first + PART_WINDOWS]
+        part_sides = sides[first:stop]
         geoms, classes = labels_over(inside, chunk, info)
         wkb = [bytes(g) for g in shapely.to_wkb(geoms)] if geoms else []
         key = fingerprint({"format": PART_FORMAT, "scene": identity, "scene_index": scene_index,
@@ -162,6 +162,14 @@ def plan_scene(scene: str, scene_index: int, frame: gpd.GeoDataFrame, settings: 
                           min_area_px=float(p["min_area_px"]), empty_fraction=float(p["empty_fraction"]),
                           seed=int(p["seed"]), key=key))
     return parts
+
+
+def part_spans(n_windows: int) -> list[tuple[int, int]]:
+    """[start, stop) of each part of a scene's windows: as few parts as PART_WINDOWS allows, of equal sizes
+    (25 windows -> 13 + 12, not 16 + 9), so the last task of a scene is not the one that finishes late."""
+    n_parts = max(1, -(-n_windows // PART_WINDOWS))
+    edges = [round(i * n_windows / n_parts) for i in range(n_parts + 1)]
+    return list(zip(edges[:-1], edges[1:]))
 
 
 def labels_inside(frame: gpd.GeoDataFrame, info: SceneInfo) -> gpd.GeoDataFrame:
