@@ -27,7 +27,7 @@ OPTIONS = {"tile": TILE, "overlap": OVERLAP, "scaling": "divide255", "progress":
 def pool():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     with RayPool(OraclePredictor(), load_settings(None)) as shared:
         yield shared
     ray.shutdown()
