@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import filecmp
+import os
 import shutil
 import subprocess
 import sys
@@ -80,6 +81,7 @@ def main() -> None:
     labels = work / f"labels_{args.size}.gpkg"
     write_labels(labels, args.size, args.labels_per_scene)
 
+    load_before = os.getloadavg()[0]
     lines = [f"{args.scenes} x {args.size}^2 uint8 RGB scenes, {args.labels_per_scene} polygons over their extent, "
              f"tile 512, overlap 64; seconds per `python -m pipeline prepare` run, {args.repeats} runs each"]
     starts = [ray_start_seconds() for _ in range(args.repeats)]
@@ -93,6 +95,8 @@ def main() -> None:
             ", output identical" if same_tree(work / f"out_w{args.workers[0]}", work / f"out_w{workers}")
             else ", OUTPUT DIFFERS")
         lines.append(f"--workers {workers} ({mode}): {', '.join(f'{t:.1f}' for t in times)} s{same}")
+    lines.append(f"1-minute load average before / after: {load_before:.2f} / {os.getloadavg()[0]:.2f} "
+                 f"(the runs themselves add 1-2; more before them means other jobs shared the {os.cpu_count()} cores)")
     base = best[args.workers[0]]
     lines.append("speed-up (best run): " + ", ".join(f"{w} workers {base / t:.2f}x" for w, t in best.items()))
     command = "python -m tests.benchmarks.bench_prepare " + " ".join(sys.argv[1:])
