@@ -1,11 +1,16 @@
-"""Starting or joining Ray: one way for every command that uses it (run, and data-parallel work)."""
+"""Starting or joining Ray: one way for every command that uses it (run, prepare, train --workers).
+
+Free of torch, so light jobs (`prepare`) start Ray without importing it.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import threading
+from collections.abc import Iterator
 
 from model.errors import UserError
 
@@ -64,3 +69,16 @@ def check_reachable(address: str, seconds: float = 10.0) -> None:
         socket.create_connection((host, int(port)), timeout=seconds).close()
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot connect to the Ray cluster at {address}: {exc}") from None
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None) -> Iterator[None]:
+    """Ray for the duration of a block: joined or started on entry, shut down on exit if done here."""
+    import ray
+
+    started = connect_ray(address)
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()

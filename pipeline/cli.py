@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("prepare", help="GeoTIFF scenes + labeled vectors -> COCO tiles for training")
-    p.add_argument("scenes", nargs="+", metavar="SCENE")
+    p.add_argument("scenes", nargs="+", metavar="SCENE",
+                   help="GeoTIFF, glob pattern ('tiles/*.tif') or scene list (.txt, one per line)")
     p.add_argument("--labels", required=True, help="GeoPackage / GeoJSON / Shapefile of polygons, any CRS")
     p.add_argument("--out", required=True, help="output directory (gets train/ and val/)")
     add_reading_options(p)
@@ -80,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--empty-fraction", type=float, help="fraction of label-free tiles kept")
     p.add_argument("--val-fraction", type=float, help="fraction of spatial blocks for validation")
     p.add_argument("--seed", type=int)
+    p.add_argument("--workers", type=int, help="parallel Ray tasks (default: this process alone; with "
+                                               "--ray-address, every CPU of the cluster)")
+    p.add_argument("--ray-address", help="none: this machine; 'auto' or HOST:PORT: an existing Ray cluster "
+                                         "(--out and the scenes must be on storage every node sees)")
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("train", help="train Mask R-CNN on prepared COCO tiles")
@@ -148,13 +153,20 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from pipeline.prepare import prepare
+    from pipeline.prepare import Interrupted, prepare
     from pipeline.settings import load_settings, settings_overrides
 
     options = _options(args, ["tile", "overlap", "bands", "class_field", "class_name", "min_area_px",
                               "empty_fraction", "val_fraction", "seed"])
-    settings = load_settings(args.config, settings_overrides(options))
-    prepare(args.scenes, args.labels, args.out, settings, overwrite=bool(args.overwrite))
+    overrides = settings_overrides(options)
+    # --workers and --ray-address share their flat names with `run`'s keys; here they are prepare's.
+    overrides.setdefault("prepare", {}).update(_options(args, ["workers", "ray_address"]))
+    settings = load_settings(args.config, overrides)
+    try:
+        prepare(args.scenes, args.labels, args.out, settings, overwrite=bool(args.overwrite))
+    except Interrupted as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_INTERRUPTED
     return 0
 
 

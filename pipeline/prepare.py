@@ -3,28 +3,78 @@
 Tiles are the same windows `run` uses (full size, edge windows shifted inward) and the same band mapping and
 scaling, written as 8-bit RGB PNGs. Each COCO image record also carries its scene, window, CRS and affine so
 any prediction on it can be mapped back to the map.
+
+The work is cut into parts of at most `PART_WINDOWS` consecutive windows of one scene. The driver plans every part
+(so bad input fails before any tile is written), then cuts them here in one process or as Ray tasks; each
+finished part leaves its PNGs and a small JSON in the staging directory, keyed by a fingerprint of what
+decides its result, so a rerun after an interruption redoes only the unfinished parts. The COCO files are
+assembled at the end in scene then window order, so ids never depend on which task finished first.
 """
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import json
 import shutil
-from collections import Counter
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import geopandas as gpd
 import numpy as np
 import rasterio
 import rasterio.windows
+import shapely
+from rasterio.errors import RasterioError
+from rasterio.windows import Window
 from shapely.geometry import box
 from tqdm import tqdm
 
 from model.errors import UserError
+from model.files import atomic_path
 from pipeline.coco import annotation_body
 from pipeline.labels import read_labels, to_scene_crs
-from pipeline.raster import compute_scaling, normalize, open_scene, read_window, resolve_bands, to_uint8, write_png
+from pipeline.raster import (Scaling, SceneInfo, compute_scaling, first_line, normalize, open_scene, read_window,
+                             resolve_bands, to_uint8, write_png)
+from pipeline.scenes import expand_scenes, fingerprint, scene_identity
 from pipeline.split import spatial_split
 from pipeline.windows import plan_windows
+
+SPLITS = ("train", "val")
+# Most windows per task. Small parts balance a few big scenes over many workers and let a failed or
+# interrupted run lose little; a size never derived from --workers keeps the resume keys stable.
+PART_WINDOWS = 16
+PART_FORMAT = 1  # version of the saved part files: bump when what a part saves changes
+EXECUTION_KEYS = ("workers", "ray_address")  # how the cutting runs, never what it produces
+
+WindowBox = tuple[int, int, int, int]  # col_off, row_off, width, height
+
+
+@dataclass(frozen=True)
+class Part:
+    """One task's work: consecutive windows of one scene and the labels that touch them, as plain data."""
+
+    scene: str
+    scene_index: int
+    info: SceneInfo
+    bands: list[int]
+    nodata: float | None
+    first_window: int  # index of windows[0] in the scene's plan
+    windows: list[WindowBox]
+    sides: list[str]  # "train" | "val" | "drop", per window
+    labels: list[bytes]  # WKB in the scene's CRS
+    classes: list[str]  # class name of each label
+    min_area_px: float
+    empty_fraction: float
+    seed: int
+    key: str  # fingerprint: the name of the part's saved result
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C / SIGTERM during prepare: finished parts stay in the staging directory; a rerun resumes."""
 
 
 def staging_dir(out: Path) -> Path:
@@ -41,105 +91,330 @@ def check_out_dir(out: Path, overwrite: bool) -> None:
 
 def prepare(scenes: list[str], labels: str, out_dir: str | Path, settings: dict[str, Any],
             overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Cut `scenes` and `labels` into COCO tiles under out_dir/{train,val}; returns (and saves) a summary."""
+    """Cut `scenes` (paths, globs or manifests) and `labels` into COCO tiles under out_dir/{train,val};
+    returns (and saves) a summary. Runs in this process or on Ray (`prepare.workers`, `prepare.ray_address`)
+    with the same result either way."""
     p = settings["prepare"]
     out = Path(out_dir)
     check_out_dir(out, overwrite)
+    scenes = expand_scenes([str(s) for s in scenes])
     frame, label_stats = read_labels(labels, p["class_field"], p["class_name"])
     categories = sorted(set(frame["class_name"]))
-    category_id = {name: i + 1 for i, name in enumerate(categories)}
-
-    # Plan every scene first, so bad input fails before any tile is written.
-    plans = []
-    for scene in scenes:
-        info = open_scene(scene)
-        scene_labels = to_scene_crs(frame, info.crs)
-        left, bottom, right, top = rasterio.transform.array_bounds(info.height, info.width, info.transform)
-        inside = scene_labels[scene_labels.intersects(box(left, bottom, right, top))].reset_index(drop=True)
-        if len(inside) == 0:
-            print(f"warning: {scene}: no label falls inside this scene")
-        windows = plan_windows(info.width, info.height, settings["tile"], settings["overlap"])
-        block_px = int(p["block_tiles"]) * (settings["tile"] - settings["overlap"])
-        sides = spatial_split(windows, block_px, float(p["val_fraction"]), int(p["seed"]))
-        plans.append((scene, info, inside, windows, sides))
-    if not any(len(plan[2]) for plan in plans):
+    parts = [part for index, scene in enumerate(scenes) for part in plan_scene(scene, index, frame, settings)]
+    if not any(part.labels for part in parts):
         raise UserError(f"{labels}: no label intersects any of the scenes (check the CRS and the extent)")
 
     staging = staging_dir(out)
-    shutil.rmtree(staging, ignore_errors=True)  # a previous interrupted run: start over cleanly
-    coco = {split: {"images": [], "annotations": [], "categories": [{"id": i, "name": n} for n, i in
-                                                                      category_id.items()]} for split in ("train", "val")}
-    for split in coco:
-        (staging / split / "images").mkdir(parents=True)
-    counts = Counter()
-    objects = {split: Counter() for split in coco}
-    rng = np.random.default_rng(int(p["seed"]))
-    total = sum(len(plan[3]) for plan in plans)
-    bar = tqdm(total=total, desc="prepare", unit="tile", disable=not progress)
-    for scene_index, (scene, info, inside, windows, sides) in enumerate(plans):
-        bands = resolve_bands(settings["bands"], info.count, scene, info.alpha)
-        scaling = compute_scaling(scene, info, settings, bands)
-        nodata = settings["nodata"] if settings["nodata"] is not None else info.nodata
-        index = inside.sindex
-        for window, side in zip(windows, sides):
-            bar.update(1)
-            if side == "drop":
-                counts["dropped_split_border"] += 1
-                continue
-            raw, valid = read_window(scene, window, bands, nodata, info.masked)
-            if not valid.any():
-                counts["skipped_nodata"] += 1
-                continue
-            w_transform = rasterio.windows.transform(window, info.transform)
-            h, w = int(window.height), int(window.width)
-            left, bottom, right, top = rasterio.windows.bounds(window, info.transform)
-            anns = []
-            for i in index.query(box(left, bottom, right, top), predicate="intersects"):
-                body = annotation_body(inside.geometry.iloc[i], w_transform, h, w, float(p["min_area_px"]))
-                if body is None:
-                    counts["dropped_small"] += 1
-                    continue
-                anns.append((inside["class_name"].iloc[i], body))
-            if not anns and rng.random() >= float(p["empty_fraction"]):
-                counts["dropped_empty"] += 1
-                continue
-            split = coco[side]
-            image_id = len(split["images"]) + 1
-            name = f"{Path(scene).stem}_{scene_index}_r{int(window.row_off)}_c{int(window.col_off)}.png"
-            write_png(staging / side / "images" / name, to_uint8(normalize(raw, scaling), valid))
-            split["images"].append({
-                "id": image_id, "file_name": name, "width": w, "height": h, "scene": str(scene),
-                "window": [int(window.col_off), int(window.row_off), w, h], "crs": info.crs,
-                "transform": list(w_transform)[:6],
-            })
-            for class_name, body in anns:
-                split["annotations"].append({"id": len(split["annotations"]) + 1, "image_id": image_id,
-                                             "category_id": category_id[class_name], **body})
-                objects[side][class_name] += 1
-    bar.close()
+    todo = reusable_staging(staging, parts)
+    if len(todo) < len(parts):
+        print(f"resuming: {len(parts) - len(todo)} of {len(parts)} parts already cut in {staging}")
+    cut_parts(todo, parts, staging, settings, progress)
 
+    coco, counts, objects = assemble([load_part(staging, part) for part in parts], categories)
     summary = {
-        "scenes": [str(s) for s in scenes], "labels": str(labels), "categories": categories,
-        "tiles": {split: len(coco[split]["images"]) for split in coco},
-        "objects": {split: dict(objects[split]) for split in coco},
+        "scenes": scenes, "labels": str(labels), "categories": categories,
+        "tiles": {split: len(coco[split]["images"]) for split in SPLITS},
+        "objects": {split: dict(objects[split]) for split in SPLITS},
         "skipped_nodata_tiles": counts["skipped_nodata"], "dropped_empty_tiles": counts["dropped_empty"],
         "dropped_split_border_tiles": counts["dropped_split_border"],
         "dropped_small_objects": counts["dropped_small"], "labels_read": label_stats,
-        "settings": settings,
+        "settings": output_settings(settings),
     }
-    for split in coco:
-        (staging / split / "annotations.json").write_text(json.dumps(coco[split]))
-    (staging / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    if out.exists():
-        shutil.rmtree(out)
-    staging.rename(out)  # the whole directory appears at once
+    publish(staging, out, coco, summary)
     print_summary(summary, out)
     return summary
 
 
+def output_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """The settings without the execution options: what summary.json records and resume keys depend on."""
+    kept = copy.deepcopy(settings)
+    for key in EXECUTION_KEYS:
+        kept["prepare"].pop(key, None)
+    return kept
+
+
+def plan_scene(scene: str, scene_index: int, frame: gpd.GeoDataFrame, settings: dict[str, Any]) -> list[Part]:
+    """A scene's parts. Opens the scene and checks its bands here, in the driver, before any task starts."""
+    p = settings["prepare"]
+    info = open_scene(scene)
+    bands = resolve_bands(settings["bands"], info.count, scene, info.alpha)
+    nodata = settings["nodata"] if settings["nodata"] is not None else info.nodata
+    inside = labels_inside(frame, info)
+    if len(inside) == 0:
+        print(f"warning: {scene}: no label falls inside this scene")
+    windows = plan_windows(info.width, info.height, settings["tile"], settings["overlap"])
+    block_px = int(p["block_tiles"]) * (settings["tile"] - settings["overlap"])
+    sides = spatial_split(windows, block_px, float(p["val_fraction"]), int(p["seed"]))
+    identity = scene_identity(scene)
+    key_settings = {k: v for k, v in output_settings(settings).items() if k not in ("run", "merge")}
+    parts = []
+    for first, stop in part_spans(len(windows)):
+        chunk = windows[first:stop]
+        boxes = [(int(w.col_off), int(w.row_off), int(w.width), int(w.height)) for w in chunk]
+        part_sides = sides[first:stop]
+        geoms, classes = labels_over(inside, chunk, info)
+        wkb = [bytes(g) for g in shapely.to_wkb(geoms)] if geoms else []
+        key = fingerprint({"format": PART_FORMAT, "scene": identity, "scene_index": scene_index,
+                           "settings": key_settings, "windows": boxes, "sides": part_sides,
+                           "labels": labels_digest(wkb, classes)})
+        parts.append(Part(scene=scene, scene_index=scene_index, info=info, bands=bands, nodata=nodata,
+                          first_window=first, windows=boxes, sides=part_sides, labels=wkb, classes=classes,
+                          min_area_px=float(p["min_area_px"]), empty_fraction=float(p["empty_fraction"]),
+                          seed=int(p["seed"]), key=key))
+    return parts
+
+
+def part_spans(n_windows: int) -> list[tuple[int, int]]:
+    """[start, stop) of each part of a scene's windows: as few parts as PART_WINDOWS allows, of equal sizes
+    (25 windows -> 13 + 12, not 16 + 9), so the last task of a scene is not the one that finishes late."""
+    n_parts = max(1, -(-n_windows // PART_WINDOWS))
+    edges = [round(i * n_windows / n_parts) for i in range(n_parts + 1)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def labels_inside(frame: gpd.GeoDataFrame, info: SceneInfo) -> gpd.GeoDataFrame:
+    """The labels that touch the scene, in the scene's CRS."""
+    scene_labels = to_scene_crs(frame, info.crs)
+    left, bottom, right, top = rasterio.transform.array_bounds(info.height, info.width, info.transform)
+    return scene_labels[scene_labels.intersects(box(left, bottom, right, top))].reset_index(drop=True)
+
+
+def window_box(window: Window, info: SceneInfo) -> Any:
+    return box(*rasterio.windows.bounds(window, info.transform))
+
+
+def labels_over(inside: gpd.GeoDataFrame, windows: list[Window], info: SceneInfo) -> tuple[list[Any], list[str]]:
+    """The labels touching any of `windows` (a task gets these, not the whole file), in label-file order."""
+    rows = np.unique(np.concatenate([inside.sindex.query(window_box(w, info), predicate="intersects")
+                                     for w in windows]))
+    return list(inside.geometry.iloc[rows]), [str(c) for c in inside["class_name"].iloc[rows]]
+
+
+def labels_digest(wkb: list[bytes], classes: list[str]) -> str:
+    """A part's labels by content: editing labels elsewhere leaves the part's saved result valid."""
+    h = hashlib.sha256()
+    for geom, name in zip(wkb, classes):
+        h.update(len(geom).to_bytes(8, "little") + geom + name.encode() + b"\0")
+    return h.hexdigest()
+
+
+def reusable_staging(staging: Path, parts: list[Part]) -> list[Part]:
+    """Prepare the staging directory for this run, keeping the parts an earlier run of the same job finished;
+    returns the parts still to cut. Saved parts of other settings or inputs are deleted, so their tiles can
+    never pass for this run's (their PNGs are removed at the end unless this run writes them again)."""
+    for split in SPLITS:
+        (staging / split / "images").mkdir(parents=True, exist_ok=True)
+    saved = staging / "parts"
+    saved.mkdir(exist_ok=True)
+    keys = {part.key for part in parts}
+    for path in saved.iterdir():
+        if path.stem not in keys or path.suffix != ".json":
+            path.unlink()
+    return [part for part in parts if not part_path(staging, part).exists()]
+
+
+def part_path(staging: Path, part: Part) -> Path:
+    return staging / "parts" / f"{part.key}.json"
+
+
+def cut_parts(todo: list[Part], parts: list[Part], staging: Path, settings: dict[str, Any], progress: bool) -> None:
+    """Cut `todo` here or on Ray, with a progress bar over all windows; Ctrl-C raises `Interrupted`."""
+    p = settings["prepare"]
+    total = sum(len(part.windows) for part in parts)
+    scenes_left = Counter(part.scene_index for part in todo)
+    n_scenes = len({part.scene_index for part in parts})
+    bar = tqdm(total=total, initial=total - sum(len(part.windows) for part in todo), desc="prepare", unit="tile",
+               disable=not progress)
+    bar.set_postfix(scenes=f"{n_scenes - len(scenes_left)}/{n_scenes}")
+
+    def done(part: Part) -> None:
+        scenes_left[part.scene_index] -= 1
+        if scenes_left[part.scene_index] == 0:
+            del scenes_left[part.scene_index]
+        bar.update(len(part.windows))
+        bar.set_postfix(scenes=f"{n_scenes - len(scenes_left)}/{n_scenes}")
+
+    try:
+        if todo and use_ray(p):
+            cut_on_ray(todo, staging, settings, p["workers"], p["ray_address"], done)
+        else:
+            cut_here(todo, staging, settings, done)
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted: {bar.n} of {total} windows cut and saved in {staging}; run the same "
+                          "command to resume") from None
+    finally:
+        bar.close()
+
+
+def use_ray(p: dict[str, Any]) -> bool:
+    """Ray only when asked (--workers N > 1, --ray-address): starting Ray in-process costs 8-10 s on a
+    2-core machine (docs/benchmarks.md), more than many whole prepare jobs, whatever their scene count."""
+    return bool(p["ray_address"]) or int(p["workers"] or 1) > 1
+
+
+def cut_here(todo: list[Part], staging: Path, settings: dict[str, Any], done: Callable[[Part], None]) -> None:
+    """Cut the parts one after another in this process."""
+    scalings: dict[int, Scaling] = {}
+    for part in todo:
+        if part.scene_index not in scalings:
+            scalings[part.scene_index] = compute_scaling(part.scene, part.info, settings, part.bands)
+        run_part(part, scalings[part.scene_index], str(staging))
+        done(part)
+
+
+def cut_on_ray(todo: list[Part], staging: Path, settings: dict[str, Any], workers: int | None,
+               address: str | None, done: Callable[[Part], None]) -> None:
+    """Cut the parts as Ray tasks, at most `workers` at a time (default: every CPU of the cluster).
+
+    Each scene's value scaling is measured once, in a task its parts wait on. A failed part stops new
+    submissions; the running ones finish (their work is saved for the rerun) and the failure is raised
+    naming its scene. On Ctrl-C the running tasks are cancelled.
+    """
+    import ray
+
+    from model.cluster import ray_session
+
+    with ray_session(address):
+        limit = int(workers or max(1, int(ray.cluster_resources().get("CPU", 1))))
+        cut = ray.remote(num_cpus=1)(run_part)
+        measure = ray.remote(num_cpus=1)(compute_scaling)
+        scalings: dict[int, Any] = {}
+        queue = deque(todo)
+        pending: dict[Any, Part] = {}
+        failure: Exception | None = None
+        try:
+            while pending or (queue and failure is None):
+                while queue and failure is None and len(pending) < limit:
+                    part = queue.popleft()
+                    if part.scene_index not in scalings:
+                        scalings[part.scene_index] = measure.remote(part.scene, part.info, settings, part.bands)
+                    pending[cut.remote(part, scalings[part.scene_index], str(staging))] = part
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                part = pending.pop(ready[0])
+                try:
+                    ray.get(ready[0])
+                except ray.exceptions.RayError as exc:
+                    failure = failure or part_failure(part, exc)
+                    continue
+                done(part)
+        except BaseException:
+            for ref in pending:
+                ray.cancel(ref)
+            raise
+    if failure is not None:
+        raise failure
+
+
+def part_failure(part: Part, exc: Exception) -> Exception:
+    """A failed task as one line naming its scene (a UserError from the task already does)."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, UserError):
+        return cause
+    detail = f"{type(cause).__name__}: {first_line(cause)}" if cause is not None else first_line(exc)
+    return RuntimeError(f"{part.scene}: cutting windows {part.first_window}-"
+                        f"{part.first_window + len(part.windows) - 1} failed ({detail})")
+
+
+def run_part(part: Part, scaling: Scaling, staging: str) -> int:
+    """Cut a part and save its result beside its tiles; the part file appears (atomically) only once every
+    PNG is written, so its presence means the part is complete. Returns the number of windows handled."""
+    result = cut_part(part, scaling, Path(staging))
+    with atomic_path(part_path(Path(staging), part)) as tmp:
+        tmp.write_text(json.dumps({"key": part.key, "scene": part.scene, **result}))
+    return len(part.windows)
+
+
+def cut_part(part: Part, scaling: Scaling, staging: Path) -> dict[str, Any]:
+    """The tile cutting itself, for both the one-process loop and the Ray task: the part's PNGs go to
+    staging/{train,val}/images; returns plain data: `tiles` (split, COCO image record without id, and the
+    (class name, annotation body) of each object) in window order, and `counts` of what was skipped."""
+    geoms = shapely.from_wkb(part.labels) if part.labels else np.zeros(0, dtype=object)
+    tree = shapely.STRtree(geoms)
+    counts: Counter[str] = Counter()
+    tiles = []
+    for offset, ((col, row, w, h), side) in enumerate(zip(part.windows, part.sides)):
+        if side == "drop":
+            counts["dropped_split_border"] += 1
+            continue
+        window = Window(col, row, w, h)
+        try:
+            raw, valid = read_window(part.scene, window, part.bands, part.nodata, part.info.masked)
+        except RasterioError as exc:  # GDAL's own message (the failed block) is in the chained error
+            raise UserError(f"{part.scene}: cannot read the window at column {col}, row {row} "
+                            f"({first_line(exc.__cause__ or exc)})") from None
+        if not valid.any():
+            counts["skipped_nodata"] += 1
+            continue
+        w_transform = rasterio.windows.transform(window, part.info.transform)
+        objects = []
+        for i in np.sort(tree.query(window_box(window, part.info), predicate="intersects")):
+            body = annotation_body(geoms[i], w_transform, h, w, part.min_area_px)
+            if body is None:
+                counts["dropped_small"] += 1
+                continue
+            objects.append((part.classes[i], body))
+        if not objects and not keep_empty(part, part.first_window + offset):
+            counts["dropped_empty"] += 1
+            continue
+        name = f"{Path(part.scene).stem}_{part.scene_index}_r{row}_c{col}.png"
+        write_png(staging / side / "images" / name, to_uint8(normalize(raw, scaling), valid))
+        record = {"file_name": name, "width": w, "height": h, "scene": str(part.scene), "window": [col, row, w, h],
+                  "crs": part.info.crs, "transform": list(w_transform)[:6]}
+        tiles.append({"split": side, "image": record, "objects": objects})
+    return {"tiles": tiles, "counts": dict(counts)}
+
+
+def keep_empty(part: Part, window_index: int) -> bool:
+    """Whether a label-free tile is kept as a negative: a draw of its own from (seed, scene, window), so the
+    choice never depends on which other tiles were cut before it, or where."""
+    rng = np.random.default_rng([part.seed, part.scene_index, window_index])
+    return bool(rng.random() < part.empty_fraction)
+
+
+def load_part(staging: Path, part: Part) -> dict[str, Any]:
+    return json.loads(part_path(staging, part).read_text())
+
+
+def assemble(results: list[dict[str, Any]], categories: list[str]) -> tuple[dict, Counter, dict[str, Counter]]:
+    """The COCO dicts of both splits from the parts' results in scene then window order (ids 1.. in that
+    order), the summed counts and the objects per split and class."""
+    category_id = {name: i + 1 for i, name in enumerate(categories)}
+    coco = {split: {"images": [], "annotations": [],
+                    "categories": [{"id": i, "name": n} for n, i in category_id.items()]} for split in SPLITS}
+    counts: Counter[str] = Counter()
+    objects = {split: Counter() for split in SPLITS}
+    for result in results:
+        counts.update(result["counts"])
+        for tile in result["tiles"]:
+            split = coco[tile["split"]]
+            image_id = len(split["images"]) + 1
+            split["images"].append({"id": image_id, **tile["image"]})
+            for class_name, body in tile["objects"]:
+                split["annotations"].append({"id": len(split["annotations"]) + 1, "image_id": image_id,
+                                             "category_id": category_id[class_name], **body})
+                objects[tile["split"]][class_name] += 1
+    return coco, counts, objects
+
+
+def publish(staging: Path, out: Path, coco: dict[str, Any], summary: dict[str, Any]) -> None:
+    """Write the COCO files, drop what is not this run's (saved parts, stray tiles of parts cut under other
+    settings) and rename the staging directory into place: the whole output appears at once."""
+    for split in SPLITS:
+        (staging / split / "annotations.json").write_text(json.dumps(coco[split]))
+        names = {image["file_name"] for image in coco[split]["images"]}
+        for path in (staging / split / "images").iterdir():
+            if path.name not in names:
+                path.unlink()
+    (staging / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    shutil.rmtree(staging / "parts")
+    if out.exists():
+        shutil.rmtree(out)
+    staging.rename(out)
+
+
 def print_summary(summary: dict[str, Any], out: Path) -> None:
     print(f"{out}: {summary['tiles']['train']} train / {summary['tiles']['val']} val tiles")
-    for split in ("train", "val"):
+    for split in SPLITS:
         per_class = ", ".join(f"{k} {v}" for k, v in sorted(summary["objects"][split].items())) or "none"
         print(f"  {split} objects: {per_class}")
     ls = summary["labels_read"]

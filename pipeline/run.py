@@ -29,9 +29,9 @@ from pipeline.predict import CheckpointPredictor
 from pipeline.quicklook import Quicklook
 from pipeline.instances import Instance
 from pipeline.raster import SceneInfo, compute_scaling, first_line, is_virtual, open_scene, resolve_bands
-from pipeline.scenes import scene_name
+from pipeline.scenes import fingerprint, scene_identity, scene_name
 from pipeline.settings import load_settings, settings_overrides
-from pipeline.store import TileStore, fingerprint, state_dir
+from pipeline.store import TileStore, state_dir
 from pipeline.windows import plan_windows, private_regions
 
 WRITE_BATCH = 5000  # polygons per GeoPackage append: bounded memory for millions of instances
@@ -341,14 +341,6 @@ def label_name(names: list[str] | None, label: int) -> str:
     if names and 1 <= label <= len(names):
         return names[label - 1]
     return f"class_{label}"
-
-
-def scene_identity(scene: str) -> dict[str, Any]:
-    try:
-        stat = os.stat(scene)
-        return {"path": os.path.abspath(scene), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-    except OSError:  # a GDAL virtual path (/vsicurl/, /vsis3/): its name is all we have
-        return {"path": str(scene)}
 
 
 def check_output(output: Path) -> None:

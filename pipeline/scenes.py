@@ -9,8 +9,12 @@ their inputs in manifests; shells without globbing (Ray job entrypoints, Windows
 from __future__ import annotations
 
 import glob
+import hashlib
+import json
+import os
 import re
 from pathlib import Path
+from typing import Any
 
 from model.errors import UserError
 from pipeline.raster import is_virtual
@@ -76,3 +80,17 @@ def unique_names(scenes: list[str]) -> list[str]:
                             "them in separate jobs")
         seen[name] = scene
     return names
+
+
+def scene_identity(scene: str) -> dict[str, Any]:
+    """What tells a scene apart from an edited or replaced one, for resume fingerprints."""
+    try:
+        stat = os.stat(scene)
+        return {"path": os.path.abspath(scene), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    except OSError:  # a GDAL virtual path (/vsicurl/, /vsis3/): its name is all we have
+        return {"path": str(scene)}
+
+
+def fingerprint(parts: dict[str, Any]) -> str:
+    """A stable hash of everything that decides a saved result; a different hash means the result is stale."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()

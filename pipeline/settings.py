@@ -27,6 +27,9 @@ DEFAULTS: dict[str, Any] = {
         "val_fraction": 0.2,
         "block_tiles": 2,  # spatial split block edge, in tiles
         "seed": 0,
+        # How the cutting runs, never what it produces (left out of resume keys and summary.json):
+        "workers": None,  # parallel Ray tasks; None: this process alone, or every CPU of the --ray-address cluster
+        "ray_address": None,  # None: this machine; "auto" or "HOST:PORT": an existing Ray cluster
     },
     "run": {
         "batch_size": 2,
@@ -86,6 +89,8 @@ def validate(s: dict[str, Any]) -> None:
         raise UserError(f"prepare.empty_fraction must be in [0, 1], got {p['empty_fraction']!r}")
     if p["min_area_px"] < 0 or p["block_tiles"] < 1:
         raise UserError("prepare.min_area_px must be >= 0 and prepare.block_tiles >= 1")
+    if p["workers"] is not None and (not isinstance(p["workers"], int) or not 1 <= p["workers"] <= 4096):
+        raise UserError(f"prepare.workers must be an integer in [1, 4096], got {p['workers']!r}")
     r = s["run"]
     if not isinstance(r["batch_size"], int) or not 1 <= r["batch_size"] <= 256:
         raise UserError(f"batch_size must be an integer in [1, 256], got {r['batch_size']!r}")

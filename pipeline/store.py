@@ -7,7 +7,6 @@ fingerprint differs is stale and is cleared rather than reused.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from collections.abc import Iterator
@@ -25,10 +24,6 @@ def state_dir(output: str | Path, layer: str | None = None) -> Path:
     """`.OUT.gpkg.tiles` beside the output; `.OUT.gpkg.LAYER.tiles` for one of several layers in one file."""
     output = Path(output)
     return output.with_name(f".{output.name}.{layer}.tiles" if layer else f".{output.name}.tiles")
-
-
-def fingerprint(parts: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def encode(result: TileResult) -> dict[str, np.ndarray]:
