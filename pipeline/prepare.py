@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 import shutil
 from collections import Counter, deque
 from collections.abc import Callable
@@ -37,8 +38,8 @@ from model.errors import UserError
 from model.files import atomic_path
 from pipeline.coco import annotation_body
 from pipeline.labels import read_labels, to_scene_crs
-from pipeline.raster import (Scaling, SceneInfo, compute_scaling, first_line, normalize, open_scene, read_window,
-                             resolve_bands, to_uint8, write_png)
+from pipeline.raster import (Scaling, SceneInfo, compute_scaling, first_line, is_virtual, normalize, open_scene,
+                             read_window, resolve_bands, to_uint8, write_png)
 from pipeline.scenes import expand_scenes, fingerprint, scene_identity
 from pipeline.split import spatial_split
 from pipeline.windows import plan_windows
@@ -57,7 +58,8 @@ WindowBox = tuple[int, int, int, int]  # col_off, row_off, width, height
 class Part:
     """One task's work: consecutive windows of one scene and the labels that touch them, as plain data."""
 
-    scene: str
+    scene: str  # as given: names the tiles, fills their records, and messages
+    path: str  # what the task opens: absolute (tasks may run in another directory or on another node)
     scene_index: int
     info: SceneInfo
     bands: list[int]
@@ -146,6 +148,7 @@ def plan_scene(scene: str, scene_index: int, frame: gpd.GeoDataFrame, settings: 
     block_px = int(p["block_tiles"]) * (settings["tile"] - settings["overlap"])
     sides = spatial_split(windows, block_px, float(p["val_fraction"]), int(p["seed"]))
     identity = scene_identity(scene)
+    path = scene if is_virtual(scene) else os.path.abspath(scene)
     key_settings = {k: v for k, v in output_settings(settings).items() if k not in ("run", "merge")}
     parts = []
     for first, stop in part_spans(len(windows)):
@@ -157,7 +160,7 @@ def plan_scene(scene: str, scene_index: int, frame: gpd.GeoDataFrame, settings: 
         key = fingerprint({"format": PART_FORMAT, "scene": identity, "scene_index": scene_index,
                            "settings": key_settings, "windows": boxes, "sides": part_sides,
                            "labels": labels_digest(wkb, classes)})
-        parts.append(Part(scene=scene, scene_index=scene_index, info=info, bands=bands, nodata=nodata,
+        parts.append(Part(scene=scene, path=path, scene_index=scene_index, info=info, bands=bands, nodata=nodata,
                           first_window=first, windows=boxes, sides=part_sides, labels=wkb, classes=classes,
                           min_area_px=float(p["min_area_px"]), empty_fraction=float(p["empty_fraction"]),
                           seed=int(p["seed"]), key=key))
@@ -247,9 +250,10 @@ def cut_parts(todo: list[Part], parts: list[Part], staging: Path, settings: dict
 
 
 def use_ray(p: dict[str, Any]) -> bool:
-    """Ray only when asked (--workers N > 1, --ray-address): starting Ray in-process costs 8-10 s on a
-    2-core machine (docs/benchmarks.md), more than many whole prepare jobs, whatever their scene count."""
-    return bool(p["ray_address"]) or int(p["workers"] or 1) > 1
+    """Ray only when asked, whatever the number of scenes: --workers N > 1, --ray-address, or $RAY_ADDRESS
+    (set for a `ray job submit` entrypoint: a job sent to a cluster is meant to use it). Starting Ray
+    in-process costs ~6 s on 2 cores, more than it saves on jobs under ~15 s (docs/benchmarks.md)."""
+    return bool(p["ray_address"] or os.environ.get("RAY_ADDRESS")) or int(p["workers"] or 1) > 1
 
 
 def cut_here(todo: list[Part], staging: Path, settings: dict[str, Any], done: Callable[[Part], None]) -> None:
@@ -257,7 +261,7 @@ def cut_here(todo: list[Part], staging: Path, settings: dict[str, Any], done: Ca
     scalings: dict[int, Scaling] = {}
     for part in todo:
         if part.scene_index not in scalings:
-            scalings[part.scene_index] = compute_scaling(part.scene, part.info, settings, part.bands)
+            scalings[part.scene_index] = compute_scaling(part.path, part.info, settings, part.bands)
         run_part(part, scalings[part.scene_index], str(staging))
         done(part)
 
@@ -287,8 +291,8 @@ def cut_on_ray(todo: list[Part], staging: Path, settings: dict[str, Any], worker
                 while queue and failure is None and len(pending) < limit:
                     part = queue.popleft()
                     if part.scene_index not in scalings:
-                        scalings[part.scene_index] = measure.remote(part.scene, part.info, settings, part.bands)
-                    pending[cut.remote(part, scalings[part.scene_index], str(staging))] = part
+                        scalings[part.scene_index] = measure.remote(part.path, part.info, settings, part.bands)
+                    pending[cut.remote(part, scalings[part.scene_index], os.path.abspath(staging))] = part
                 ready, _ = ray.wait(list(pending), num_returns=1)
                 part = pending.pop(ready[0])
                 try:
@@ -338,7 +342,7 @@ def cut_part(part: Part, scaling: Scaling, staging: Path) -> dict[str, Any]:
             continue
         window = Window(col, row, w, h)
         try:
-            raw, valid = read_window(part.scene, window, part.bands, part.nodata, part.info.masked)
+            raw, valid = read_window(part.path, window, part.bands, part.nodata, part.info.masked)
         except RasterioError as exc:  # GDAL's own message (the failed block) is in the chained error
             raise UserError(f"{part.scene}: cannot read the window at column {col}, row {row} "
                             f"({first_line(exc.__cause__ or exc)})") from None

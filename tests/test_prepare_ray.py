@@ -155,13 +155,16 @@ def test_parts_saved_under_other_settings_are_not_reused(tmp_path, job, monkeypa
     assert snapshot(tmp_path / "out") == snapshot(tmp_path / "fresh")
 
 
-def test_globs_and_manifests_name_the_scenes(tmp_path, job, ray_session, capsys):
+def test_globs_and_manifests_name_the_scenes(tmp_path, job, ray_session, capsys, monkeypatch):
     scenes, labels = job
     common = ["--labels", labels, "--class-field", "kind", "--tile", "64", "--overlap", "16", "--val-fraction",
               "0.3", "--min-area", "4"]
     assert main(["prepare", *scenes, "--out", str(tmp_path / "listed"), *common]) == 0
-    assert main(["prepare", str(tmp_path / "*.tif"), "--out", str(tmp_path / "globbed"), "--workers", "2",
-                 *common]) == 0
+    # Relative paths from another directory than the Ray workers': tasks get absolute ones, records keep them.
+    monkeypatch.chdir(tmp_path)
+    assert main(["prepare", "*.tif", "--out", "globbed", "--workers", "2", *common]) == 0
+    records = json.loads((tmp_path / "globbed" / "train" / "annotations.json").read_text())["images"]
+    assert {im["scene"] for im in records} == {"a.tif", "b.tif", "c.tif"}
     (tmp_path / "lists").mkdir()
     (tmp_path / "lists" / "scenes.txt").write_text("# the job\n../a.tif\n\n../b.tif  # UTM\n" + scenes[2] + "\n")
     assert main(["prepare", str(tmp_path / "lists" / "scenes.txt"), "--out", str(tmp_path / "manifest"),

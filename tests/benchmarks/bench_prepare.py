@@ -1,7 +1,7 @@
 """`prepare` in one process against Ray tasks, timed end to end as a user runs it (`python -m pipeline prepare`,
 interpreter and Ray start-up included), on generated uint8 RGB scenes with random polygon labels. Also the
-bare cost of starting Ray in-process and running one task. Each output is checked to be byte-identical to the
-one-process output.
+bare cost of starting Ray in-process and running one task, and the cutting alone with Ray already up. Each
+output is checked to be byte-identical to the one-process output.
 
     python -m tests.benchmarks.bench_prepare [--size 2048] [--scenes 3] [--workers 1 2] [--repeats 2]
 """
@@ -9,7 +9,9 @@ one-process output.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import filecmp
+import io
 import os
 import shutil
 import subprocess
@@ -51,11 +53,30 @@ def timed_prepare(scenes: list[Path], labels: Path, out: Path, workers: int) -> 
 
 def ray_start_seconds() -> float:
     """Start Ray in-process the way prepare does, run one trivial task, shut down (in a fresh interpreter)."""
-    script = ("import time; t = time.perf_counter(); import ray; from pipeline.cluster import ray_session\n"
+    script = ("import time; t = time.perf_counter(); import ray; from model.cluster import ray_session\n"
               "with ray_session(None):\n    ray.get(ray.remote(lambda: 1).remote())\n"
               "print(time.perf_counter() - t)")
     done = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True)
     return float(done.stdout.strip().splitlines()[-1])
+
+
+def cutting_seconds(scenes: list[Path], labels: Path, out: Path, workers: int) -> float:
+    """prepare() alone, in this process, with Ray already started for workers > 1: the cutting itself."""
+    import ray
+
+    from model.cluster import ray_session
+    from pipeline.prepare import prepare
+    from pipeline.settings import load_settings
+
+    shutil.rmtree(out, ignore_errors=True)
+    settings = load_settings(overrides={"prepare": {"class_field": "kind", "workers": workers}})
+    with ray_session(None) if workers > 1 else contextlib.nullcontext():
+        if workers > 1:
+            ray.get(ray.remote(lambda: 1).remote())
+        with contextlib.redirect_stdout(io.StringIO()):
+            t = time.perf_counter()
+            prepare(list(map(str, scenes)), str(labels), out, settings, progress=False)
+            return time.perf_counter() - t
 
 
 def same_tree(a: Path, b: Path) -> bool:
@@ -95,6 +116,9 @@ def main() -> None:
             ", output identical" if same_tree(work / f"out_w{args.workers[0]}", work / f"out_w{workers}")
             else ", OUTPUT DIFFERS")
         lines.append(f"--workers {workers} ({mode}): {', '.join(f'{t:.1f}' for t in times)} s{same}")
+    alone = {w: cutting_seconds(scenes, labels, work / "out_alone", w) for w in args.workers}
+    lines.append("cutting alone (prepare() with Ray already up): " + ", ".join(
+        f"{w} workers {t:.1f} s ({alone[args.workers[0]] / t:.2f}x)" for w, t in alone.items()))
     lines.append(f"1-minute load average before / after: {load_before:.2f} / {os.getloadavg()[0]:.2f} "
                  f"(the runs themselves add 1-2; more before them means other jobs shared the {os.cpu_count()} cores)")
     base = best[args.workers[0]]
