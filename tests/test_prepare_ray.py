@@ -176,3 +176,12 @@ def test_globs_and_manifests_name_the_scenes(tmp_path, job, ray_session, capsys,
     capsys.readouterr()
     assert main(["prepare", str(tmp_path / "*.tiff"), "--out", str(tmp_path / "none"), *common]) == 2
     assert "no file matches" in capsys.readouterr().err
+
+
+def test_ray_only_when_asked(monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    use_ray = prepare_module.use_ray
+    assert not use_ray({"workers": None, "ray_address": None}) and not use_ray({"workers": 1, "ray_address": None})
+    assert use_ray({"workers": 2, "ray_address": None}) and use_ray({"workers": None, "ray_address": "auto"})
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")  # a `ray job submit` entrypoint
+    assert use_ray({"workers": None, "ray_address": None})
