@@ -12,7 +12,7 @@ import socket
 import threading
 from collections.abc import Iterator
 
-from model.errors import UserError
+from model.errors import UserError, first_line
 
 
 def connect_ray(address: str | None) -> bool:
@@ -34,7 +34,7 @@ def connect_ray(address: str | None) -> bool:
         try:
             ray.init(address=address, log_to_driver=False, configure_logging=False)
         except Exception as exc:
-            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            detail = first_line(exc)
             if "auth" in str(exc).lower() or "token" in str(exc).lower():
                 detail += ("; the cluster uses token authentication: set RAY_AUTH_MODE=token and its token "
                            "(RAY_AUTH_TOKEN, or the file ~/.ray/auth_token)")

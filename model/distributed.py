@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from model.backbones import resolve_weights_path
 from model.config import merge
-from model.errors import UserError
+from model.errors import UserError, first_line
 from model.cluster import connect_ray
 from model.train import Plan, ProgressBar, TrainOptions, build_session, plan_training, run_loop
 
@@ -118,11 +118,6 @@ def worker_loop(config: dict[str, Any]) -> dict[str, Any]:
     ddp = DistributedDataParallel(session.model, device_ids=[device.index] if device.type == "cuda" else None)
     return run_loop(session, plan, options, forward=ddp, rank=rank, mean=mean_over_workers,
                     report=lambda row: ray.get(progress.push.remote(row)))
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def training_error(exc: Exception) -> Exception:

@@ -7,3 +7,9 @@ keeps its traceback. Both packages raise it (`pipeline` depends on `model`, neve
 
 class UserError(Exception):
     """Bad input (file, config, option) described in one line that names the culprit."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (or its type's name), for one-line errors."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

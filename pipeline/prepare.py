@@ -34,11 +34,11 @@ from rasterio.windows import Window
 from shapely.geometry import box
 from tqdm import tqdm
 
-from model.errors import UserError
+from model.errors import UserError, first_line
 from model.files import atomic_path
 from pipeline.coco import annotation_body
 from pipeline.labels import read_labels, to_scene_crs
-from pipeline.raster import (Scaling, SceneInfo, compute_scaling, first_line, is_virtual, normalize, open_scene,
+from pipeline.raster import (Scaling, SceneInfo, compute_scaling, is_virtual, normalize, open_scene,
                              read_window, resolve_bands, to_uint8, write_png)
 from pipeline.scenes import expand_scenes, fingerprint, scene_identity
 from pipeline.split import spatial_split

@@ -23,7 +23,7 @@ from rasterio.enums import ColorInterp, MaskFlags
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.windows import Window
 
-from model.errors import UserError
+from model.errors import UserError, first_line
 from pipeline.windows import valid_region
 
 SAMPLE_SIDE = 1024  # long side of the decimated read used for percentile statistics
@@ -94,11 +94,6 @@ def check_not_truncated(src: rasterio.DatasetReader, path: str) -> None:
         nbytes = src.get_tag_item(f"BLOCK_SIZE_{last}", "TIFF", bidx=band)
         if offset and nbytes and int(offset) + int(nbytes) > size:
             raise UserError(f"{path}: the file is truncated (its last block ends past the end of the file)")
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def resolve_bands(bands: list[int] | None, count: int, scene: str = "the scene",

@@ -19,7 +19,7 @@ from rasterio.errors import RasterioError
 from rasterio.windows import Window
 from tqdm import tqdm
 
-from model.errors import UserError
+from model.errors import UserError, first_line
 from model.files import atomic_path, check_writable
 from pipeline.execute import RayPool, ReadSpec, TileResult
 from pipeline.geopackage import GeoPackageWriter, read_run_metadata
@@ -28,7 +28,7 @@ from pipeline.polygonize import mask_to_geometry
 from pipeline.predict import CheckpointPredictor
 from pipeline.quicklook import Quicklook
 from pipeline.instances import Instance
-from pipeline.raster import SceneInfo, compute_scaling, first_line, is_virtual, open_scene, resolve_bands
+from pipeline.raster import SceneInfo, compute_scaling, is_virtual, open_scene, resolve_bands
 from pipeline.scenes import fingerprint, scene_identity, scene_name
 from pipeline.settings import load_settings, settings_overrides
 from pipeline.store import TileStore, state_dir
@@ -180,9 +180,10 @@ def run_scene(
     late = (f for m in merged for f in settled.polygons([m]))  # polygonized batch by batch as they are written
     metadata = {**run_metadata(predictor, settings, summary), "result_fingerprint": result_key}
     quicklook = start_quicklook(scene, info, spec, summary) if settings["run"]["quicklook"] else None
-    with GeoPackageWriter(output, info.crs, layer=layer, metadata=metadata, overwrite=True,
-                          class_names=class_names_of(predictor), keep_other_layers=keep_other_layers) as writer:
-        write_features(itertools.chain(early, late), writer, class_names_of(predictor), quicklook)
+    names = class_names_of(predictor)
+    with GeoPackageWriter(output, info.crs, layer=layer, metadata=metadata, overwrite=True, class_names=names,
+                          keep_other_layers=keep_other_layers) as writer:
+        write_features(itertools.chain(early, late), writer, names, quicklook)
     if quicklook is not None:
         quicklook.save(sidecar(sidecar_base or output, ".quicklook.png"))
     summary.seconds["polygonize+write"] = time.perf_counter() - t
