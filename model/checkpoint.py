@@ -1,20 +1,24 @@
 """A checkpoint is one file: weights, the full config, class names and a format version.
 
 Loaded with `weights_only=True`, so a checkpoint can never run code; everything in it is plain data.
+torch is imported only where tensors are needed: `read_checkpoint_header` gives the config and class names
+without it, so a `run` driver, which never touches the weights, does not carry torch (~600 MB per process).
 """
 
 from __future__ import annotations
 
+import pickle
+import zipfile
+from collections import OrderedDict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
-
-from model.builder import build_model
 from model.config import DEFAULTS, merge, validate
 from model.errors import UserError
 from model.files import atomic_path
+
+if TYPE_CHECKING:
+    from torch import nn
 
 FORMAT_VERSION = 1
 
@@ -22,6 +26,8 @@ FORMAT_VERSION = 1
 def save_checkpoint(path: str | Path, model: nn.Module, config: dict[str, Any], class_names: list[str],
                     training_state: dict[str, Any] | None = None) -> None:
     """Write atomically: an interrupted save leaves the previous checkpoint intact."""
+    import torch
+
     payload = {
         "format_version": FORMAT_VERSION,
         "config": config,
@@ -35,6 +41,8 @@ def save_checkpoint(path: str | Path, model: nn.Module, config: dict[str, Any], 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """The raw checkpoint payload, validated; every failure is one UserError line naming the file."""
+    import torch
+
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: checkpoint not found (train one with `python -m pipeline train`, or give a path)")
@@ -46,6 +54,57 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         if "weights_only" in str(exc) or "Unsupported global" in str(exc):
             reason = "it contains Python objects that would run code when loaded; refused (weights_only=True)"
         raise UserError(f"{path}: not a readable checkpoint: {reason}") from None
+    return checked(payload, path)
+
+
+def _no_tensor(*_args: Any, **_kwargs: Any) -> None:
+    return None
+
+
+class _HeaderUnpickler(pickle.Unpickler):
+    """Unpickles a torch checkpoint's plain data with every tensor, storage and dtype left as None.
+
+    Like `weights_only=True`, it runs no code from the file: torch's globals become a function of ours that
+    returns None (torch is never imported), and any other global but OrderedDict is refused.
+    """
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "torch" or module.startswith("torch."):
+            return _no_tensor
+        if (module, name) == ("collections", "OrderedDict"):
+            return OrderedDict
+        raise pickle.UnpicklingError(f"Unsupported global {module}.{name}")
+
+    def persistent_load(self, pid: Any) -> None:  # storages live in other zip members; not read
+        return None
+
+
+def read_checkpoint_header(path: str | Path) -> dict[str, Any]:
+    """The checkpoint's format version, config and class names, validated like `read_checkpoint`, without
+    torch and without reading a single weight."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: checkpoint not found (train one with `python -m pipeline train`, or give a path)")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            records = [n for n in archive.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
+            if len(records) != 1:
+                raise ValueError("no torch data record")
+            with archive.open(records[0]) as stream:
+                payload = _HeaderUnpickler(stream).load()
+    except pickle.UnpicklingError as exc:
+        if "Unsupported global" in str(exc):
+            raise UserError(f"{path}: not a readable checkpoint: it contains Python objects that would run code "
+                            "when loaded; refused (weights_only=True)") from None
+        raise UserError(f"{path}: not a readable checkpoint: {exc}") from None
+    except (zipfile.BadZipFile, ValueError, EOFError, OSError, KeyError) as exc:
+        raise UserError(f"{path}: not a readable checkpoint: {exc or type(exc).__name__}") from None
+    payload = checked(payload, path)
+    return {key: payload[key] for key in ("format_version", "config", "class_names")}
+
+
+def checked(payload: Any, path: str | Path) -> dict[str, Any]:
+    """`payload` if it is a checkpoint of this tool in the format this version reads."""
     if not isinstance(payload, dict) or "format_version" not in payload:
         raise UserError(f"{path}: not a checkpoint of this tool (no format_version)")
     if payload["format_version"] != FORMAT_VERSION:
@@ -78,6 +137,8 @@ def load_checkpoint(path: str | Path, config: dict[str, Any] | None = None) -> t
 
     Returns (model in eval mode on the CPU, payload).
     """
+    from model.builder import build_model
+
     payload = read_checkpoint(path)
     saved_config = merge(DEFAULTS, payload["config"])
     validate(saved_config)

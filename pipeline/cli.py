@@ -137,7 +137,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not checkpoint:
         raise UserError("no model given: pass --checkpoint model.pt (train one with `python -m pipeline train "
                         "--config configs/swin_t.yaml --data DIR --out model.pt`)")
-    predictor = CheckpointPredictor(checkpoint, settings["run"]["device"])
+    predictor = CheckpointPredictor(checkpoint, settings["run"]["device"], settings["run"]["score_threshold"])
     if args.out_dir:
         Path(args.out_dir).mkdir(parents=True, exist_ok=True)
     code = 0

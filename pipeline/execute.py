@@ -11,16 +11,18 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from rasterio.windows import Window
 
 from model.cluster import connect_ray
 from model.errors import UserError
 from pipeline.instances import Instance, from_tile_prediction
 from pipeline.raster import Scaling, normalize, read_window
+
+if TYPE_CHECKING:  # the driver never imports torch (~600 MB); the workers do, to run the model
+    import torch
 
 MAX_ATTEMPTS = 3  # per batch; a batch failing this often is reported by window, never silently dropped
 
@@ -47,6 +49,8 @@ class TileResult:
 
 
 def to_tensor(raw: np.ndarray, valid: np.ndarray, scaling: Scaling) -> torch.Tensor:
+    import torch
+
     image = normalize(raw, scaling)
     image[:, ~valid] = 0.0
     return torch.from_numpy(image)
@@ -61,6 +65,8 @@ class TileWorker:
     """
 
     def __init__(self, predictor: Callable, threads: int):
+        import torch
+
         torch.set_num_threads(max(1, int(threads)))
         self.predictor = predictor
         self.model_lock = threading.Lock()
@@ -87,6 +93,8 @@ class TileWorker:
             valids.append(valid)
             kept.append((index, window))
         if images:
+            import torch
+
             with self.model_lock, torch.inference_mode():  # no autograd, whatever predictor was passed
                 outputs = self.predictor(images)
             for (index, window), valid, out in zip(kept, valids, outputs):

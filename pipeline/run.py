@@ -142,7 +142,10 @@ def run_scene(
         if not checkpoint:
             raise UserError("no model: give --checkpoint model.pt (train one with `python -m pipeline train`) "
                             "or pass a predictor")
-        predictor = CheckpointPredictor(checkpoint, r["device"])
+        predictor = CheckpointPredictor(checkpoint, r["device"], r["score_threshold"])
+    if isinstance(predictor, CheckpointPredictor) and predictor.score_threshold > r["score_threshold"]:
+        raise UserError(f"the predictor skips detections under {predictor.score_threshold} but this run keeps "
+                        f"those from {r['score_threshold']}: build it with score_threshold <= the run's")
     output = Path(output)
     layer = layer or r["layer"] or scene_name(scene)
     summary = RunSummary(scene=str(scene), output=str(output), layer=layer)

@@ -1,10 +1,12 @@
 """Against SAHI: the same torchvision model, scene, tile size and overlap.
 
-1. Speed and memory: Swin-T Mask R-CNN (random weights) on a generated scene; wall time and peak resident
-   memory of each tool (ours: driver + Ray workers; SAHI: its process, which holds the whole image).
+1. Speed and memory: Swin-T Mask R-CNN (random weights) on a generated scene; wall time and peak memory of
+   each tool (ours: the driver, Ray's daemons and workers; SAHI: its process, which holds the whole image),
+   ours as one worker x 2 threads and as two workers x 1 thread (the README's advice for CPUs).
 2. Seams: a deterministic 'model' (bright regions -> masks, wrapped as a torch module so SAHI runs it like
-   any torchvision model) on a scene of bright squares laid across tile seams; counts objects that come out
-   split (more than one output overlapping one true object) or duplicated.
+   any torchvision model) on a scene of bright rectangles 60, 150 and 300 px long laid across tile seams
+   and corners; counts, per length, the objects that come out split (more than one output overlapping one
+   true object) or duplicated.
 
 SAHI is installed only in the benchmark environment:
     python -m venv --system-site-packages /tmp/sahi-venv && /tmp/sahi-venv/bin/pip install sahi
@@ -28,7 +30,7 @@ import torch
 from affine import Affine
 
 REPO = Path(__file__).resolve().parents[2]
-TILE, OVERLAP = 512, 64
+TILE, OVERLAP, SCORE = 512, 64, 0.5
 
 
 class BrightRegions(torch.nn.Module):
@@ -52,21 +54,69 @@ class BrightRegions(torch.nn.Module):
         return super().__call__(images)
 
 
-def seam_scene(path: Path, size: int) -> list[tuple[int, int, int, int]]:
-    """Dark scene with 60 px bright squares centred on seams and corners; returns their boxes (r0, c0, r1, c1)."""
+class SahiRepresentable(torch.nn.Module):
+    """The model, minus the detections SAHI cannot hold: SAHI raises `ValueError: Invalid segmentation mask.`
+    and loses the whole run when a kept detection's mask has no outline of 3 or more points (an empty mask,
+    a pixel, a line), which a model with random weights produces. Dropping them with SAHI's own test, before
+    SAHI sees them, is what a SAHI user would have to do; the check is counted in SAHI's time. The forward
+    also runs under `torch.inference_mode`, as ours does: SAHI's own torchvision wrapper leaves autograd on,
+    which would cost it time and memory."""
+
+    def __init__(self, model: torch.nn.Module, score_threshold: float, mask_threshold: float = 0.5):
+        super().__init__()
+        self.model, self.score_threshold, self.mask_threshold = model, score_threshold, mask_threshold
+        self.roi_heads, self.transform = model.roi_heads, model.transform  # what SAHI's wrapper looks at
+
+    def forward(self, images):
+        from sahi.utils.cv import get_coco_segmentation_from_bool_mask
+
+        with torch.inference_mode():
+            outputs = self.model(images)
+        for out in outputs:
+            keep = [not (score > self.score_threshold)
+                    or bool(get_coco_segmentation_from_bool_mask((mask[0] > self.mask_threshold).numpy()))
+                    for score, mask in zip(out["scores"].tolist(), out["masks"])]
+            keep = torch.tensor(keep, dtype=torch.bool)
+            out.update({k: v[keep] for k, v in out.items()})
+        return outputs
+
+
+LENGTHS = (60, 150, 300)  # across the seam; the overlap is 64 px
+
+
+def seam_scene(path: Path, size: int) -> list[dict]:
+    """Dark scene with bright 60 px wide rectangles across every seam and square blocks on every corner.
+
+    Rectangles crossing a horizontal seam are tall, those crossing a vertical seam wide; their length across
+    the seam cycles through LENGTHS, so some fit inside the 64 px overlap and some are cut by both tiles'
+    edges. Returns the true objects: {"box": (r0, c0, r1, c1), "length": px}.
+    """
     image = np.full((3, size, size), 50, dtype=np.uint8)
     stride = TILE - OVERLAP
-    boxes = []
-    for r in range(stride + OVERLAP // 2, size - 60, stride):
-        for c in range(stride // 2, size - 60, stride // 2):
-            r0, c0 = r - 30, c - 30
-            image[:, r0:r0 + 60, c0:c0 + 60] = 240
-            boxes.append((r0, c0, r0 + 60, c0 + 60))
+    seams = [k * stride + OVERLAP // 2 for k in range(1, size // stride + 1)]  # centres of the overlap bands
+    seams = [s for s in seams if s + max(LENGTHS) // 2 < size]
+    middles = [s - stride // 2 for s in seams] + [seams[-1] + stride // 2] if seams else []
+    middles = [m for m in middles if m + 30 < size]
+    objects = []
+
+    def paint(r: int, c: int, height: int, width: int, length: int) -> None:
+        r0, c0 = r - height // 2, c - width // 2
+        image[:, r0:r0 + height, c0:c0 + width] = 240
+        objects.append({"box": (r0, c0, r0 + height, c0 + width), "length": length})
+
+    for i, seam in enumerate(seams):
+        for j, middle in enumerate(middles):
+            length = LENGTHS[(i + j) % len(LENGTHS)]
+            paint(seam, middle, length, 60, length)  # tall, across a horizontal seam
+            paint(middle, seam, 60, length, length)  # wide, across a vertical seam
+        for j, other in enumerate(seams):
+            length = LENGTHS[(i + j) % 2]  # 60 or 150 px squares on the corners, where four tiles meet
+            paint(seam, other, length, length, length)
     with rasterio.open(path, "w", driver="GTiff", width=size, height=size, count=3, dtype="uint8",
                        crs="EPSG:32616", transform=Affine(0.5, 0, 500000, 0, -0.5, 4000000), tiled=True,
                        blockxsize=256, blockysize=256) as dst:
         dst.write(image)
-    return boxes
+    return objects
 
 
 def full_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -76,16 +126,22 @@ def full_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return full
 
 
-def count_outputs(masks: Iterable[np.ndarray], truth: list[tuple[int, int, int, int]]) -> dict:
+def count_outputs(masks: Iterable[np.ndarray], truth: list[dict]) -> dict:
     """Per true object, how many output masks touch it: 1 is right, >1 split or duplicated, 0 missed."""
     touching, outputs = [0] * len(truth), 0
     for mask in masks:
         outputs += 1
-        for k, (r0, c0, r1, c1) in enumerate(truth):
+        for k, obj in enumerate(truth):
+            r0, c0, r1, c1 = obj["box"]
             if mask[r0:r1, c0:c1].any():
                 touching[k] += 1
-    return {"objects": len(truth), "outputs": outputs, "exactly_one": sum(t == 1 for t in touching),
-            "split_or_duplicated": sum(t > 1 for t in touching), "missed": sum(t == 0 for t in touching)}
+    per_length = {}
+    for length in sorted({obj["length"] for obj in truth}):
+        counts = [t for t, obj in zip(touching, truth) if obj["length"] == length]
+        per_length[str(length)] = {"objects": len(counts), "exactly_one": sum(t == 1 for t in counts),
+                                   "split_or_duplicated": sum(t > 1 for t in counts),
+                                   "missed": sum(t == 0 for t in counts)}
+    return {"outputs": outputs, "per_length": per_length}
 
 
 def child(args: argparse.Namespace) -> None:
@@ -104,31 +160,33 @@ def child(args: argparse.Namespace) -> None:
             out = Path(args.workdir) / f"ours_{args.part}.gpkg"
             kwargs = {"predictor": BrightRegions()} if args.part == "seams" else {"checkpoint": args.checkpoint}
             run_scene(args.scene, out, tile=TILE, overlap=OVERLAP, batch_size=2, scaling="divide255",
-                      score_threshold=0.5, overwrite=True, progress=False, **kwargs)
+                      score_threshold=SCORE, overwrite=True, progress=False, workers=args.workers,
+                      threads_per_worker=args.threads, layer="result", **kwargs)
             ray.shutdown()
             seconds = time.perf_counter() - t
             import geopandas as gpd
 
-            outputs = gpd.read_file(out).geometry
+            outputs = gpd.read_file(out, layer="result").geometry
         else:
             from sahi.models.torchvision import TorchVisionDetectionModel
             from sahi.predict import get_sliced_prediction
 
-            torch.set_num_threads(2)
-            model = BrightRegions() if args.part == "seams" else torch.load(args.model, weights_only=False)
+            torch.set_num_threads(args.threads)
+            model = BrightRegions() if args.part == "seams" else \
+                SahiRepresentable(torch.load(args.model, weights_only=False), SCORE)
             model.eval()
             with rasterio.open(args.scene) as src:
                 image = np.moveaxis(src.read(), 0, -1)  # SAHI works on the whole image in memory
-            wrapped = TorchVisionDetectionModel(model=model, confidence_threshold=0.5, device="cpu",
+            wrapped = TorchVisionDetectionModel(model=model, confidence_threshold=SCORE, device="cpu",
                                                 category_mapping={"1": "object"}, load_at_init=True)
             result = get_sliced_prediction(image, wrapped, slice_height=TILE, slice_width=TILE,
                                            overlap_height_ratio=OVERLAP / TILE, overlap_width_ratio=OVERLAP / TILE,
                                            perform_standard_pred=False, verbose=0)
             seconds, started = time.perf_counter() - t, 0.0
             outputs = [p.mask for p in result.object_prediction_list if p.mask is not None]  # polygons
-        peak = mem.peak  # the tool's own work only: counting below rasterizes outputs one at a time
-    report = {"tool": args.tool, "part": args.part, "seconds": seconds, "ray_start": started, "peak_mib": peak / 2**20,
-              "outputs": len(outputs)}
+        peak, peak_pss = mem.peak, mem.peak_pss  # the tool's own work only: counting rasterizes outputs below
+    report = {"tool": args.tool, "part": args.part, "seconds": seconds, "ray_start": started,
+              "peak_mib": peak / 2**20, "peak_pss_mib": peak_pss / 2**20, "outputs": len(outputs)}
     if args.part == "seams":
         with rasterio.open(args.scene) as src:
             shape, transform = src.shape, src.transform
@@ -139,6 +197,18 @@ def child(args: argparse.Namespace) -> None:
     print("RESULT " + json.dumps(report))
 
 
+def describe(name: str, r: dict) -> list[str]:
+    if "failed" in r:
+        return [f"{name}: FAILED after {r['seconds']:.0f} s: {r['failed']}"]
+    start = f" (of which starting Ray {r['ray_start']:.1f} s)" if r["ray_start"] else ""
+    lines = [f"{name}: {r['seconds']:.1f} s{start}, peak memory PSS {r['peak_pss_mib']:.0f} MiB "
+             f"(RSS {r['peak_mib']:.0f} MiB), {r['outputs']} outputs"]
+    for length, c in r.get("per_length", {}).items():
+        lines.append(f"  objects {length} px across the seam: {c['objects']}: {c['exactly_one']} exactly once, "
+                     f"{c['split_or_duplicated']} split or duplicated, {c['missed']} missed")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sahi-python", default="/tmp/sahi-venv/bin/python")
@@ -146,6 +216,7 @@ def main() -> None:
     parser.add_argument("--workdir", default="/tmp/aerial-bench")
     parser.add_argument("--tool"), parser.add_argument("--part"), parser.add_argument("--scene")
     parser.add_argument("--model"), parser.add_argument("--checkpoint"), parser.add_argument("--truth")
+    parser.add_argument("--workers", type=int, default=1), parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     if args.tool:
         return child(args)
@@ -167,41 +238,37 @@ def main() -> None:
     (work / "seams.json").write_text(json.dumps(seam_scene(seams, args.sizes[0])))
     parts = [(f"speed {size}^2", generate_scene(work / f"scene_{size}.tif", size)) for size in args.sizes]
     parts.append((f"seams {args.sizes[0]}^2", seams))
+    runs = [("ours 1 worker x 2 threads", "ours", 1, 2), ("ours 2 workers x 1 thread", "ours", 2, 1),
+            ("SAHI (1 process, 2 threads)", "sahi", 1, 2)]
 
-    lines = [f"tile {TILE}, overlap {OVERLAP}, batch 2 (ours) / 1 (SAHI), 2 CPU threads; Swin-T Mask R-CNN with "
-             "random weights for speed, a bright-region 'model' for seams"]
-    results = {}
+    lines = [f"tile {TILE}, overlap {OVERLAP}, score threshold {SCORE}, batch 2 (ours) / 1 (SAHI), 2 CPU cores; "
+             "Swin-T Mask R-CNN with random weights for speed, a bright-region 'model' for seams; memory: "
+             "peak of the summed PSS (RSS) of each tool's processes (ours: driver, Ray daemons, workers)"]
     for part, scene_path in parts:
-        for tool, python in (("ours", sys.executable), ("sahi", args.sahi_python)):
+        results = {}
+        for name, tool, workers, threads in runs:
+            if part.startswith("seams") and workers > 1:
+                continue  # seams do not depend on the number of workers
+            python = sys.executable if tool == "ours" else args.sahi_python
             cmd = [python, __file__, "--tool", tool, "--part", part.split()[0], "--scene", str(scene_path),
                    "--model", str(work / "swin_t_module.pt"), "--checkpoint", str(checkpoint),
-                   "--truth", str(work / "seams.json"), "--workdir", str(work)]
+                   "--truth", str(work / "seams.json"), "--workdir", str(work), "--workers", str(workers),
+                   "--threads", str(threads)]
             t = time.perf_counter()
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
             line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
             if line is None:  # a tool that crashes is a result too: report it, keep the other figures
                 error = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-                results[(tool, part)] = {"failed": error, "seconds": time.perf_counter() - t}
+                results[name] = {"failed": error, "seconds": time.perf_counter() - t}
             else:
-                results[(tool, part)] = json.loads(line[7:])
-            print(tool, part, results[(tool, part)], flush=True)
-    for part, _ in parts:
-        for tool in ("ours", "sahi"):
-            r = results[(tool, part)]
-            if "failed" in r:
-                lines.append(f"{part} {tool}: FAILED after {r['seconds']:.0f} s: {r['failed']}")
-                continue
-            extra = ""
-            if part.startswith("seams"):
-                extra = (f"; {r['objects']} true objects on seams: {r['exactly_one']} exactly once, "
-                         f"{r['split_or_duplicated']} split or duplicated, {r['missed']} missed")
-            start = f" (of which starting Ray {r['ray_start']:.1f} s)" if r["ray_start"] else ""
-            lines.append(f"{part} {tool}: {r['seconds']:.1f} s{start}, peak RSS {r['peak_mib']:.0f} MiB, "
-                         f"{r['outputs']} outputs{extra}")
-        s_ours, s_sahi = results[("ours", part)], results[("sahi", part)]
-        if part.startswith("speed") and "failed" not in s_ours and "failed" not in s_sahi:
-            lines.append(f"{part}: SAHI / ours wall time {s_sahi['seconds'] / s_ours['seconds']:.2f}, "
-                         f"peak memory {s_sahi['peak_mib'] / s_ours['peak_mib']:.2f}")
+                results[name] = json.loads(line[7:])
+            lines += describe(f"{part} {name}", results[name])
+            print(lines[-1], flush=True)
+        sahi = results[runs[-1][0]]
+        for name, r in results.items():
+            if part.startswith("speed") and name != runs[-1][0] and "failed" not in r and "failed" not in sahi:
+                lines.append(f"{part}: SAHI / {name}: wall time {sahi['seconds'] / r['seconds']:.2f}, "
+                             f"peak memory PSS {sahi['peak_pss_mib'] / r['peak_pss_mib']:.2f}")
     publish("Against SAHI", "python -m tests.benchmarks.bench_sahi " + " ".join(sys.argv[1:]), lines)
 
 

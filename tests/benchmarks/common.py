@@ -67,22 +67,33 @@ class BrightSquares:
 
 
 class PeakMemory:
-    """Samples the resident memory of this process plus every Ray worker process (`ray::...`), summed."""
+    """Peak memory of this process and every process it started, summed at each sample.
 
-    def __init__(self, interval: float = 0.1):
-        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+    With Ray started in-process that is the driver, Ray's own daemons (GCS, raylet) and every worker; for a
+    single-process tool, the process alone. Two sums: RSS, which counts a shared library once per process
+    that maps it, and PSS, which splits shared pages between the processes that share them, so the PSS sum
+    is the physical memory the tool occupies.
+    """
 
-    def sample(self) -> int:
-        total = psutil.Process().memory_info().rss
-        for proc in psutil.process_iter(["cmdline", "memory_info"]):
-            cmd = proc.info["cmdline"] or []
-            if cmd and cmd[0].startswith("ray::") and proc.info["memory_info"]:
-                total += proc.info["memory_info"].rss
-        return total
+    def __init__(self, interval: float = 0.2):
+        self.interval, self.peak, self.peak_pss, self._stop = interval, 0, 0, threading.Event()
+
+    @staticmethod
+    def sample() -> tuple[int, int]:
+        me = psutil.Process()
+        rss = pss = 0
+        for proc in [me, *me.children(recursive=True)]:
+            try:
+                info = proc.memory_full_info()
+            except (psutil.NoSuchProcess, psutil.AccessDenied):  # ended between listing and reading
+                continue
+            rss, pss = rss + info.rss, pss + getattr(info, "pss", info.rss)
+        return rss, pss
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, self.sample())
+            rss, pss = self.sample()
+            self.peak, self.peak_pss = max(self.peak, rss), max(self.peak_pss, pss)
             time.sleep(self.interval)
 
     def __enter__(self) -> "PeakMemory":

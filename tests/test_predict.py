@@ -1,0 +1,102 @@
+"""The checkpoint predictor: what a run keeps is exactly what the model gives, only cheaper."""
+
+from __future__ import annotations
+
+import pickle
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import rasterio
+import torch
+from affine import Affine
+
+from model.builder import build_model
+from model.checkpoint import read_checkpoint, read_checkpoint_header, save_checkpoint
+from model.config import load_config
+from model.errors import UserError
+from pipeline.predict import CheckpointPredictor
+from pipeline.run import run_scene
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    config = load_config(overrides={"classes": ["building", "tree"]})
+    path = tmp_path_factory.mktemp("model") / "random.pt"
+    save_checkpoint(path, build_model(config), config, ["building", "tree"])
+    return path
+
+
+def count_mask_rois(predictor: CheckpointPredictor) -> list[int]:
+    """Record how many detections reach the mask head per call."""
+    seen: list[int] = []
+    head = predictor.load().roi_heads.mask_head
+    head.register_forward_hook(lambda _module, args, _out: seen.append(int(args[0].shape[0])))
+    return seen
+
+
+def test_masks_are_computed_only_for_kept_detections(checkpoint):
+    torch.manual_seed(1)
+    images = [torch.rand(3, 128, 128), torch.rand(3, 128, 160)]
+    full = CheckpointPredictor(str(checkpoint))
+    full_rois = count_mask_rois(full)
+    reference = full(images)
+    scores = torch.cat([out["scores"] for out in reference]).sort().values
+    threshold = float(scores[len(scores) // 2])  # a real score: the >= boundary itself is exercised
+    assert scores.numel() > 10
+
+    cut = CheckpointPredictor(str(checkpoint), score_threshold=threshold)
+    cut_rois = count_mask_rois(cut)
+    outputs = cut(images)
+
+    assert cut_rois[0] < full_rois[0]
+    for ref, out in zip(reference, outputs):
+        keep = ref["scores"] >= threshold
+        assert keep.any() and int(keep.sum()) == len(out["scores"])
+        assert torch.equal(out["labels"], ref["labels"][keep])
+        for key in ("boxes", "scores", "masks"):
+            torch.testing.assert_close(out[key], ref[key][keep], atol=1e-5, rtol=1e-5)
+
+
+def test_a_predictor_stricter_than_the_run_is_refused(tmp_path, checkpoint):
+    predictor = CheckpointPredictor(str(checkpoint), score_threshold=0.7)
+    with pytest.raises(UserError, match="skips detections under 0.7 .* keeps those from 0.5"):
+        run_scene(str(tmp_path / "missing.tif"), tmp_path / "out.gpkg", predictor, score_threshold=0.5)
+
+
+def test_header_reads_what_torch_reads_and_refuses_code(tmp_path, checkpoint):
+    header, full = read_checkpoint_header(checkpoint), read_checkpoint(checkpoint)
+    assert header == {key: full[key] for key in ("format_version", "config", "class_names")}
+
+    evil = tmp_path / "evil.pt"
+    with zipfile.ZipFile(evil, "w") as archive:  # a torch-style archive whose pickle names a builtin
+        archive.writestr("evil/data.pkl", pickle.dumps({"format_version": 1, "hook": print}))
+    with pytest.raises(UserError, match="would run code when loaded; refused"):
+        read_checkpoint_header(evil)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(Path(checkpoint).read_bytes()[:300])
+    with pytest.raises(UserError, match="not a readable checkpoint"):
+        read_checkpoint_header(truncated)
+    with pytest.raises(UserError, match="checkpoint not found"):
+        read_checkpoint_header(tmp_path / "missing.pt")
+
+
+def test_the_run_driver_never_imports_torch(tmp_path, checkpoint):
+    """torch and torchvision cost ~600 MB per process; only the Ray workers that run the model load them."""
+    scene = tmp_path / "scene.tif"
+    with rasterio.open(scene, "w", driver="GTiff", width=96, height=80, count=3, dtype="uint8",
+                       crs="EPSG:32616", transform=Affine(0.5, 0, 500000, 0, -0.5, 4000000)) as dst:
+        dst.write(torch.randint(0, 255, (3, 80, 96), dtype=torch.uint8).numpy())
+    script = (
+        "import sys\n"
+        "from pipeline.cli import main\n"
+        f"code = main(['run', {str(scene)!r}, '--checkpoint', {str(checkpoint)!r}, '-o', {str(tmp_path / 'out.gpkg')!r},"
+        " '--tile', '64', '--overlap', '16', '--workers', '1', '--threads-per-worker', '1'])\n"
+        "print('EXIT', code, 'TORCH', sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision')))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert "EXIT 0 TORCH []" in result.stdout, result.stdout[-2000:] + result.stderr[-2000:]
