@@ -48,7 +48,9 @@ def from_tile_prediction(
     keep = np.flatnonzero(scores >= score_threshold)
     if keep.size == 0:
         return []
-    binary = masks_prob[keep] >= mask_threshold
+    binary = masks_prob >= mask_threshold  # never copy the float probabilities: 4x the bytes of the booleans
+    if keep.size < len(scores):
+        binary = binary[keep]
     binary &= valid
     rows_any, cols_any = binary.any(axis=2), binary.any(axis=1)  # (K, H), (K, W)
     nonempty = rows_any.any(axis=1)

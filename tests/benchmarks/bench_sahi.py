@@ -3,7 +3,9 @@
 1. Speed and memory: Swin-T Mask R-CNN (random weights) on a generated scene; wall time and peak memory of
    each tool (ours: the driver, Ray's daemons and workers; SAHI: its process, which holds the whole image),
    ours as one worker x 2 threads and as two workers x 1 thread (the README's advice for CPUs).
-2. Seams: a deterministic 'model' (bright regions -> masks, wrapped as a torch module so SAHI runs it like
+2. Memory against scene size: the same bright-region 'model' in both tools on generated 5 000^2 and
+   20 000^2 px scenes, so what grows with the scene shows.
+3. Seams: a deterministic 'model' (bright regions -> masks, wrapped as a torch module so SAHI runs it like
    any torchvision model) on a scene of bright rectangles 60, 150 and 300 px long laid across tile seams
    and corners; counts, per length, the objects that come out split (more than one output overlapping one
    true object) or duplicated.
@@ -11,6 +13,7 @@
 SAHI is installed only in the benchmark environment:
     python -m venv --system-site-packages /tmp/sahi-venv && /tmp/sahi-venv/bin/pip install sahi
     python -m tests.benchmarks.bench_sahi --sahi-python /tmp/sahi-venv/bin/python [--sizes 2048 4096]
+        [--memory-sizes 5000 20000]
 """
 
 from __future__ import annotations
@@ -26,59 +29,10 @@ from typing import Iterable
 import numpy as np
 import rasterio
 import rasterio.features
-import torch
 from affine import Affine
 
 REPO = Path(__file__).resolve().parents[2]
 TILE, OVERLAP, SCORE = 512, 64, 0.5
-
-
-class BrightRegions(torch.nn.Module):
-    """Connected bright regions of channel 0 as Mask R-CNN eval outputs (score 0.9, label 1)."""
-
-    def forward(self, images):
-        from scipy import ndimage
-
-        out = []
-        for image in images:
-            labels, n = ndimage.label((image[0] > 0.8).cpu().numpy())
-            masks = torch.from_numpy(np.stack([labels == i for i in range(1, n + 1)]) if n else
-                                     np.zeros((0, *labels.shape), dtype=bool))
-            boxes = torch.tensor([[float(s[1].start), float(s[0].start), float(s[1].stop), float(s[0].stop)]
-                                  for s in ndimage.find_objects(labels)], dtype=torch.float32).reshape(-1, 4)
-            out.append({"boxes": boxes, "labels": torch.ones(n, dtype=torch.int64), "scores": torch.full((n,), 0.9),
-                        "masks": masks[:, None].float()})
-        return out
-
-    def __call__(self, images):  # also a run_scene predictor
-        return super().__call__(images)
-
-
-class SahiRepresentable(torch.nn.Module):
-    """The model, minus the detections SAHI cannot hold: SAHI raises `ValueError: Invalid segmentation mask.`
-    and loses the whole run when a kept detection's mask has no outline of 3 or more points (an empty mask,
-    a pixel, a line), which a model with random weights produces. Dropping them with SAHI's own test, before
-    SAHI sees them, is what a SAHI user would have to do; the check is counted in SAHI's time. The forward
-    also runs under `torch.inference_mode`, as ours does: SAHI's own torchvision wrapper leaves autograd on,
-    which would cost it time and memory."""
-
-    def __init__(self, model: torch.nn.Module, score_threshold: float, mask_threshold: float = 0.5):
-        super().__init__()
-        self.model, self.score_threshold, self.mask_threshold = model, score_threshold, mask_threshold
-        self.roi_heads, self.transform = model.roi_heads, model.transform  # what SAHI's wrapper looks at
-
-    def forward(self, images):
-        from sahi.utils.cv import get_coco_segmentation_from_bool_mask
-
-        with torch.inference_mode():
-            outputs = self.model(images)
-        for out in outputs:
-            keep = [not (score > self.score_threshold)
-                    or bool(get_coco_segmentation_from_bool_mask((mask[0] > self.mask_threshold).numpy()))
-                    for score, mask in zip(out["scores"].tolist(), out["masks"])]
-            keep = torch.tensor(keep, dtype=torch.bool)
-            out.update({k: v[keep] for k, v in out.items()})
-        return outputs
 
 
 LENGTHS = (60, 150, 300)  # across the seam; the overlap is 64 px
@@ -158,7 +112,16 @@ def child(args: argparse.Namespace) -> None:
             ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
             started = time.perf_counter() - t
             out = Path(args.workdir) / f"ours_{args.part}.gpkg"
-            kwargs = {"predictor": BrightRegions()} if args.part == "seams" else {"checkpoint": args.checkpoint}
+            if args.part == "seams":
+                from tests.benchmarks.torch_models import BrightRegions
+
+                kwargs: dict = {"predictor": BrightRegions()}
+            elif args.part == "memory":  # the same cheap 'model' as a plain callable: no torch in the driver
+                from tests.benchmarks.common import BrightSquares
+
+                kwargs = {"predictor": BrightSquares()}
+            else:  # the driver reads only the checkpoint's header: no torch in this process
+                kwargs = {"checkpoint": args.checkpoint}
             run_scene(args.scene, out, tile=TILE, overlap=OVERLAP, batch_size=2, scaling="divide255",
                       score_threshold=SCORE, overwrite=True, progress=False, workers=args.workers,
                       threads_per_worker=args.threads, layer="result", **kwargs)
@@ -168,12 +131,15 @@ def child(args: argparse.Namespace) -> None:
 
             outputs = gpd.read_file(out, layer="result").geometry
         else:
+            import torch
             from sahi.models.torchvision import TorchVisionDetectionModel
             from sahi.predict import get_sliced_prediction
 
+            from tests.benchmarks.torch_models import BrightRegions, SahiRepresentable
+
             torch.set_num_threads(args.threads)
-            model = BrightRegions() if args.part == "seams" else \
-                SahiRepresentable(torch.load(args.model, weights_only=False), SCORE)
+            model = SahiRepresentable(torch.load(args.model, weights_only=False) if args.part == "speed"
+                                      else BrightRegions(), SCORE)
             model.eval()
             with rasterio.open(args.scene) as src:
                 image = np.moveaxis(src.read(), 0, -1)  # SAHI works on the whole image in memory
@@ -213,6 +179,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sahi-python", default="/tmp/sahi-venv/bin/python")
     parser.add_argument("--sizes", type=int, nargs="+", default=[2048], help="scene sides for the speed part")
+    parser.add_argument("--memory-sizes", type=int, nargs="*", default=[5000, 20000],
+                        help="scene sides for the memory part (cheap 'model', so the scene's size shows)")
     parser.add_argument("--workdir", default="/tmp/aerial-bench")
     parser.add_argument("--tool"), parser.add_argument("--part"), parser.add_argument("--scene")
     parser.add_argument("--model"), parser.add_argument("--checkpoint"), parser.add_argument("--truth")
@@ -220,6 +188,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.tool:
         return child(args)
+
+    import torch
 
     from model.builder import build_model
     from model.checkpoint import save_checkpoint
@@ -237,18 +207,19 @@ def main() -> None:
     seams = work / "seams.tif"
     (work / "seams.json").write_text(json.dumps(seam_scene(seams, args.sizes[0])))
     parts = [(f"speed {size}^2", generate_scene(work / f"scene_{size}.tif", size)) for size in args.sizes]
+    parts += [(f"memory {size}^2", generate_scene(work / f"scene_{size}.tif", size)) for size in args.memory_sizes]
     parts.append((f"seams {args.sizes[0]}^2", seams))
     runs = [("ours 1 worker x 2 threads", "ours", 1, 2), ("ours 2 workers x 1 thread", "ours", 2, 1),
             ("SAHI (1 process, 2 threads)", "sahi", 1, 2)]
 
     lines = [f"tile {TILE}, overlap {OVERLAP}, score threshold {SCORE}, batch 2 (ours) / 1 (SAHI), 2 CPU cores; "
-             "Swin-T Mask R-CNN with random weights for speed, a bright-region 'model' for seams; memory: "
+             "Swin-T Mask R-CNN with random weights for speed, a bright-region 'model' for memory and seams; memory: "
              "peak of the summed PSS (RSS) of each tool's processes (ours: driver, Ray daemons, workers)"]
     for part, scene_path in parts:
         results = {}
         for name, tool, workers, threads in runs:
-            if part.startswith("seams") and workers > 1:
-                continue  # seams do not depend on the number of workers
+            if not part.startswith("speed") and workers > 1:
+                continue  # seams do not depend on the number of workers, and memory is shown with one
             python = sys.executable if tool == "ours" else args.sahi_python
             cmd = [python, __file__, "--tool", tool, "--part", part.split()[0], "--scene", str(scene_path),
                    "--model", str(work / "swin_t_module.pt"), "--checkpoint", str(checkpoint),
@@ -266,7 +237,7 @@ def main() -> None:
             print(lines[-1], flush=True)
         sahi = results[runs[-1][0]]
         for name, r in results.items():
-            if part.startswith("speed") and name != runs[-1][0] and "failed" not in r and "failed" not in sahi:
+            if not part.startswith("seams") and name != runs[-1][0] and "failed" not in r and "failed" not in sahi:
                 lines.append(f"{part}: SAHI / {name}: wall time {sahi['seconds'] / r['seconds']:.2f}, "
                              f"peak memory PSS {sahi['peak_pss_mib'] / r['peak_pss_mib']:.2f}")
     publish("Against SAHI", "python -m tests.benchmarks.bench_sahi " + " ".join(sys.argv[1:]), lines)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+from importlib.metadata import version
 import threading
 import time
 from pathlib import Path
@@ -11,13 +12,12 @@ from pathlib import Path
 import numpy as np
 import psutil
 import rasterio
-import torch
 from affine import Affine
 
 
 def machine() -> str:
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, " \
-           f"{psutil.virtual_memory().total / 2**30:.0f} GiB, torch {torch.__version__}, {platform.python_version()}"
+           f"{psutil.virtual_memory().total / 2**30:.0f} GiB, torch {version('torch')}, {platform.python_version()}"
 
 
 def generate_scene(path: Path, size: int, block: int = 512, seed: int = 0) -> Path:
@@ -50,6 +50,7 @@ class BrightSquares:
     class_names = ["square"]
 
     def __call__(self, images):
+        import torch
         from scipy import ndimage
 
         out = []
