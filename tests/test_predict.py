@@ -12,9 +12,10 @@ import pytest
 import rasterio
 import torch
 from affine import Affine
+from torchvision.ops import box_iou
 
 from model.builder import build_model
-from model.checkpoint import read_checkpoint, read_checkpoint_header, save_checkpoint
+from model.checkpoint import load_checkpoint, read_checkpoint, read_checkpoint_header, save_checkpoint
 from model.config import load_config
 from model.errors import UserError
 from pipeline.predict import CheckpointPredictor
@@ -59,6 +60,26 @@ def test_masks_are_computed_only_for_kept_detections(checkpoint):
         assert torch.equal(out["labels"], ref["labels"][keep])
         for key in ("boxes", "scores", "masks"):
             torch.testing.assert_close(out[key], ref[key][keep], atol=1e-5, rtol=1e-5)
+
+
+def test_the_cpu_predictor_gives_the_models_own_outputs(checkpoint):
+    """The predictor runs the model in channels_last on the CPU (faster); detections must not change beyond
+    float rounding: the same boxes, scores within 1e-4."""
+    torch.manual_seed(2)
+    images = [torch.rand(3, 128, 160)]
+    predictor = CheckpointPredictor(str(checkpoint))
+    model, _ = load_checkpoint(checkpoint)
+    conv = next(m for m in predictor.load().modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        ref, out = model(images)[0], predictor(images)[0]
+    assert len(ref["boxes"]) > 10
+    best, index = box_iou(ref["boxes"], out["boxes"]).max(dim=1)
+    assert (best > 0.999).float().mean() >= 0.9  # a near-tie at the top-100 cut may swap one or two
+    matched = best > 0.999
+    assert torch.allclose(ref["scores"][matched], out["scores"][index[matched]], atol=1e-4)
+    masks_ref, masks_out = ref["masks"][matched], out["masks"][index[matched]]
+    assert ((masks_ref >= 0.5) != (masks_out >= 0.5)).float().mean() < 1e-3
 
 
 def test_a_predictor_stricter_than_the_run_is_refused(tmp_path, checkpoint):
