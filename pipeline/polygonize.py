@@ -25,17 +25,27 @@ def mask_to_geometry(mask: np.ndarray, row: int, col: int, scene_transform: Affi
         raise ValueError("cannot polygonize an empty mask")
     # Each 4-connected region is one polygon; regions can only touch at a corner point, so the parts form a
     # valid MultiPolygon as they are (no costly union needed).
-    parts = [
-        Polygon(geom["coordinates"][0], geom["coordinates"][1:])
-        for geom, _ in rasterio.features.shapes(mask.astype(np.uint8), mask=mask, connectivity=4,
-                                                transform=Affine.translation(col, row))
-    ]
-    geom: Polygon | MultiPolygon = parts[0] if len(parts) == 1 else MultiPolygon(parts)
+    regions = [geom["coordinates"] for geom, _ in rasterio.features.shapes(
+        mask.astype(np.uint8), mask=mask, connectivity=4, transform=Affine.translation(col, row))]
+    geom: Polygon | MultiPolygon = polygons_from_rings(regions)
     if simplify_px > 0:
         geom = shapely.simplify(geom, simplify_px, preserve_topology=True)
     t = scene_transform
     geom = affine_transform(geom, [t.a, t.b, t.d, t.e, t.c, t.f])
     return geom if geom.is_valid else polygonal(shapely.make_valid(geom))
+
+
+def polygons_from_rings(regions: list[list[list[tuple[float, float]]]]) -> Polygon | MultiPolygon:
+    """GeoJSON-style polygons (shell, then holes) -> one Polygon or a MultiPolygon, built by shapely's
+    vectorized constructors: a ragged mask has hundreds of rings, and building them one Python object at a
+    time was most of the cost of polygonizing."""
+    rings = [np.asarray(ring, dtype=float) for region in regions for ring in region]
+    lengths = [len(ring) for ring in rings]
+    ring_of_vertex = np.repeat(np.arange(len(rings)), lengths)
+    region_of_ring = np.repeat(np.arange(len(regions)), [len(region) for region in regions])
+    linear_rings = shapely.linearrings(np.concatenate(rings), indices=ring_of_vertex)
+    parts = shapely.polygons(linear_rings, indices=region_of_ring)  # first ring of each region: its shell
+    return parts[0] if len(parts) == 1 else MultiPolygon(list(parts))
 
 
 def polygonal(geom: shapely.Geometry) -> Polygon | MultiPolygon:
