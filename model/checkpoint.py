@@ -43,9 +43,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """The raw checkpoint payload, validated; every failure is one UserError line naming the file."""
     import torch
 
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: checkpoint not found (train one with `python -m pipeline train`, or give a path)")
+    path = existing(path)
     try:
         # mmap: reading the class names of a 200 MB checkpoint must not load every tensor.
         payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -55,6 +53,13 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
             reason = "it contains Python objects that would run code when loaded; refused (weights_only=True)"
         raise UserError(f"{path}: not a readable checkpoint: {reason}") from None
     return checked(payload, path)
+
+
+def existing(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: checkpoint not found (train one with `python -m pipeline train`, or give a path)")
+    return path
 
 
 def _no_tensor(*_args: Any, **_kwargs: Any) -> None:
@@ -82,9 +87,7 @@ class _HeaderUnpickler(pickle.Unpickler):
 def read_checkpoint_header(path: str | Path) -> dict[str, Any]:
     """The checkpoint's format version, config and class names, validated like `read_checkpoint`, without
     torch and without reading a single weight."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: checkpoint not found (train one with `python -m pipeline train`, or give a path)")
+    path = existing(path)
     try:
         with zipfile.ZipFile(path) as archive:
             records = [n for n in archive.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
