@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from torch import nn
 
 FORMAT_VERSION = 1
+REFUSED = "it contains Python objects that would run code when loaded; refused (weights_only=True)"
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, config: dict[str, Any], class_names: list[str],
@@ -50,7 +51,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     except Exception as exc:  # truncated zip, a pickle that would run code, not a torch file
         reason = str(exc).strip().splitlines()[0].split(". ")[0] if str(exc).strip() else type(exc).__name__
         if "weights_only" in str(exc) or "Unsupported global" in str(exc):
-            reason = "it contains Python objects that would run code when loaded; refused (weights_only=True)"
+            reason = REFUSED
         raise UserError(f"{path}: not a readable checkpoint: {reason}") from None
     return checked(payload, path)
 
@@ -97,8 +98,7 @@ def read_checkpoint_header(path: str | Path) -> dict[str, Any]:
                 payload = _HeaderUnpickler(stream).load()
     except pickle.UnpicklingError as exc:
         if "Unsupported global" in str(exc):
-            raise UserError(f"{path}: not a readable checkpoint: it contains Python objects that would run code "
-                            "when loaded; refused (weights_only=True)") from None
+            raise UserError(f"{path}: not a readable checkpoint: {REFUSED}") from None
         raise UserError(f"{path}: not a readable checkpoint: {exc}") from None
     except (zipfile.BadZipFile, ValueError, EOFError, OSError, KeyError) as exc:
         raise UserError(f"{path}: not a readable checkpoint: {exc or type(exc).__name__}") from None

@@ -3,29 +3,16 @@ predictor is one of them (the run driver itself never needs torch)."""
 
 from __future__ import annotations
 
-import numpy as np
 import torch
+
+from tests.benchmarks.common import BrightSquares
 
 
 class BrightRegions(torch.nn.Module):
-    """Connected bright regions of channel 0 as Mask R-CNN eval outputs (score 0.9, label 1)."""
+    """`common.BrightSquares` as a torch module, the form SAHI's torchvision wrapper runs."""
 
     def forward(self, images):
-        from scipy import ndimage
-
-        out = []
-        for image in images:
-            labels, n = ndimage.label((image[0] > 0.8).cpu().numpy())
-            masks = torch.from_numpy(np.stack([labels == i for i in range(1, n + 1)]) if n else
-                                     np.zeros((0, *labels.shape), dtype=bool))
-            boxes = torch.tensor([[float(s[1].start), float(s[0].start), float(s[1].stop), float(s[0].stop)]
-                                  for s in ndimage.find_objects(labels)], dtype=torch.float32).reshape(-1, 4)
-            out.append({"boxes": boxes, "labels": torch.ones(n, dtype=torch.int64), "scores": torch.full((n,), 0.9),
-                        "masks": masks[:, None].float()})
-        return out
-
-    def __call__(self, images):  # also a run_scene predictor
-        return super().__call__(images)
+        return BrightSquares()(images)
 
 
 class SahiRepresentable(torch.nn.Module):
