@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from model.errors import UserError
-from model.files import check_writable
+from model.files import check_not_input, check_writable, exclusive, lock_path
 from pipeline.execute import RayPool
 from pipeline.raster import is_virtual
 from pipeline.run import RunSummary, check_output, run_scene
@@ -52,6 +52,9 @@ def run_scenes(scenes: list[str], predictor: Callable, pool: RayPool, *, output:
         yield from run_into_one_file(scenes, output, predictor, pool, overwrite, **run_options)
         return
     outputs = [output] if output is not None else per_scene_outputs(scenes, out_dir)
+    inputs = [*scenes, getattr(predictor, "checkpoint", None), run_options.get("config")]
+    for path in outputs:  # scene b.gpkg (a raster GeoPackage) may be the output of scene b.tif
+        check_not_input(path, inputs)
     for scene, path in zip(scenes, outputs):
         yield run_scene(scene, path, predictor, pool=pool, overwrite=overwrite, **run_options)
 
@@ -62,9 +65,13 @@ def run_into_one_file(scenes: list[str], output: Path, predictor: Callable, pool
     check_output(output)
     check_writable(output, overwrite)  # refuse before any scene runs, not after the first one
     work = work_file(output)
-    for scene, name in zip(scenes, names):
-        summary = run_scene(scene, work, predictor, pool=pool, layer=name, keep_other_layers=True,
-                            sidecar_base=output.with_name(f"{output.stem}.{name}.gpkg"), **run_options)
-        summary.output = str(output)
-        yield summary
-    os.replace(work, output)
+    inputs = [*scenes, getattr(predictor, "checkpoint", None), run_options.get("config")]
+    for path in (output, work, lock_path(output)):
+        check_not_input(path, inputs)
+    with exclusive(output):  # one job per output file; each scene also holds the work file while it runs
+        for scene, name in zip(scenes, names):
+            summary = run_scene(scene, work, predictor, pool=pool, layer=name, keep_other_layers=True,
+                                sidecar_base=output.with_name(f"{output.stem}.{name}.gpkg"), **run_options)
+            summary.output = str(output)
+            yield summary
+        os.replace(work, output)

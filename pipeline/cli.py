@@ -163,7 +163,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     overrides.setdefault("prepare", {}).update(_options(args, ["workers", "ray_address"]))
     settings = load_settings(args.config, overrides)
     try:
-        prepare(args.scenes, args.labels, args.out, settings, overwrite=bool(args.overwrite))
+        prepare(args.scenes, args.labels, args.out, settings, overwrite=bool(args.overwrite), config=args.config)
     except Interrupted as exc:
         print(exc, file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -35,7 +35,7 @@ from shapely.geometry import box
 from tqdm import tqdm
 
 from model.errors import UserError, first_line
-from model.files import atomic_path
+from model.files import atomic_path, check_not_input, exclusive, lock_path
 from pipeline.coco import annotation_body
 from pipeline.labels import read_labels, to_scene_crs
 from pipeline.raster import (Scaling, SceneInfo, compute_scaling, is_virtual, normalize, open_scene,
@@ -92,14 +92,22 @@ def check_out_dir(out: Path, overwrite: bool) -> None:
 
 
 def prepare(scenes: list[str], labels: str, out_dir: str | Path, settings: dict[str, Any],
-            overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+            overwrite: bool = False, progress: bool = True, config: str | Path | None = None) -> dict[str, Any]:
     """Cut `scenes` (paths, globs or manifests) and `labels` into COCO tiles under out_dir/{train,val};
     returns (and saves) a summary. Runs in this process or on Ray (`prepare.workers`, `prepare.ray_address`)
-    with the same result either way."""
-    p = settings["prepare"]
+    with the same result either way. `config`: the settings file they came from, never to be overwritten."""
     out = Path(out_dir)
     check_out_dir(out, overwrite)
     scenes = expand_scenes([str(s) for s in scenes])
+    for path, role in ((out, "output directory"), (staging_dir(out), "work directory"), (lock_path(out), "lock file")):
+        check_not_input(path, [*scenes, labels, config], role)
+    with exclusive(out):  # one prepare per output directory at a time
+        return prepare_locked(scenes, labels, out, settings, progress)
+
+
+def prepare_locked(scenes: list[str], labels: str, out: Path, settings: dict[str, Any],
+                   progress: bool) -> dict[str, Any]:
+    p = settings["prepare"]
     frame, label_stats = read_labels(labels, p["class_field"], p["class_name"])
     categories = sorted(set(frame["class_name"]))
     parts = [part for index, scene in enumerate(scenes) for part in plan_scene(scene, index, frame, settings)]

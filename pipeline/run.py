@@ -20,7 +20,7 @@ from rasterio.windows import Window
 from tqdm import tqdm
 
 from model.errors import UserError, first_line
-from model.files import atomic_path, check_writable
+from model.files import atomic_path, check_not_input, check_writable, exclusive, lock_path
 from pipeline.execute import RayPool, ReadSpec, TileResult
 from pipeline.geopackage import GeoPackageWriter, read_run_metadata
 from pipeline.merge import merge_instances, settle_window
@@ -153,47 +153,50 @@ def run_scene(
     t = time.perf_counter()
     info = open_scene(scene)
     check_output(output)
-    spec = read_spec(scene, info, settings)
-    windows = plan_windows(info.width, info.height, settings["tile"], settings["overlap"])
-    summary.tiles = len(windows)
-    key = fingerprint({"scene": scene_identity(scene), "predictor": predictor_identity(predictor),
-                       "read": spec, "tile": settings["tile"], "overlap": settings["overlap"]})
-    result_key = fingerprint({"tiles": key, "merge": settings["merge"], "simplify": r["simplify"]})
-    if reusable_output(output, layer, result_key, bool(r["overwrite"]), keep_other_layers):
-        summary.up_to_date = True
+    check_outputs_not_inputs(output, sidecar_base or output, state_dir(output, layer if keep_other_layers else None),
+                             [scene, getattr(predictor, "checkpoint", None), config])
+    with exclusive(output):  # one run per output at a time
+        spec = read_spec(scene, info, settings)
+        windows = plan_windows(info.width, info.height, settings["tile"], settings["overlap"])
+        summary.tiles = len(windows)
+        key = fingerprint({"scene": scene_identity(scene), "predictor": predictor_identity(predictor),
+                           "read": spec, "tile": settings["tile"], "overlap": settings["overlap"]})
+        result_key = fingerprint({"tiles": key, "merge": settings["merge"], "simplify": r["simplify"]})
+        if reusable_output(output, layer, result_key, bool(r["overwrite"]), keep_other_layers):
+            summary.up_to_date = True
+            return summary
+        store = TileStore(state_dir(output, layer if keep_other_layers else None), key)
+        summary.stale_state_cleared = store.stale
+        summary.seconds["plan"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        settled = Settled(private_regions(windows), settings, info)
+        predict_tiles(spec, windows, store, predictor, settings, pool, summary, progress, settled.take)
+        summary.seconds["read+predict"] = time.perf_counter() - t - settled.seconds
+        summary.seconds["settle tiles"] = settled.seconds
+        summary.raw_instances = settled.raw
+
+        t = time.perf_counter()
+        merged = merge_instances(settled.pending(), settled.iou, settled.ios)
+        summary.merged_instances = settled.final + len(merged)
+        summary.seconds["merge"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        early = (f for i in sorted(settled.features) for f in settled.features[i])
+        late = (f for m in merged for f in settled.polygons([m]))  # polygonized batch by batch as they are written
+        metadata = {**run_metadata(predictor, settings, summary), "result_fingerprint": result_key}
+        quicklook = start_quicklook(scene, info, spec, summary) if settings["run"]["quicklook"] else None
+        names = class_names_of(predictor)
+        with GeoPackageWriter(output, info.crs, layer=layer, metadata=metadata, overwrite=True, class_names=names,
+                              keep_other_layers=keep_other_layers) as writer:
+            write_features(itertools.chain(early, late), writer, names, quicklook)
+        if quicklook is not None:
+            quicklook.save(sidecar(sidecar_base or output, ".quicklook.png"))
+        summary.seconds["polygonize+write"] = time.perf_counter() - t
+        write_report(sidecar(sidecar_base or output, ".report.json"), summary, metadata)
+        if summary.complete:
+            store.remove()
         return summary
-    store = TileStore(state_dir(output, layer if keep_other_layers else None), key)
-    summary.stale_state_cleared = store.stale
-    summary.seconds["plan"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    settled = Settled(private_regions(windows), settings, info)
-    predict_tiles(spec, windows, store, predictor, settings, pool, summary, progress, settled.take)
-    summary.seconds["read+predict"] = time.perf_counter() - t - settled.seconds
-    summary.seconds["settle tiles"] = settled.seconds
-    summary.raw_instances = settled.raw
-
-    t = time.perf_counter()
-    merged = merge_instances(settled.pending(), settled.iou, settled.ios)
-    summary.merged_instances = settled.final + len(merged)
-    summary.seconds["merge"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    early = (f for i in sorted(settled.features) for f in settled.features[i])
-    late = (f for m in merged for f in settled.polygons([m]))  # polygonized batch by batch as they are written
-    metadata = {**run_metadata(predictor, settings, summary), "result_fingerprint": result_key}
-    quicklook = start_quicklook(scene, info, spec, summary) if settings["run"]["quicklook"] else None
-    names = class_names_of(predictor)
-    with GeoPackageWriter(output, info.crs, layer=layer, metadata=metadata, overwrite=True, class_names=names,
-                          keep_other_layers=keep_other_layers) as writer:
-        write_features(itertools.chain(early, late), writer, names, quicklook)
-    if quicklook is not None:
-        quicklook.save(sidecar(sidecar_base or output, ".quicklook.png"))
-    summary.seconds["polygonize+write"] = time.perf_counter() - t
-    write_report(sidecar(sidecar_base or output, ".report.json"), summary, metadata)
-    if summary.complete:
-        store.remove()
-    return summary
 
 
 Feature = tuple[Any, int, float]  # (Polygon | MultiPolygon in the scene's CRS, class id, score)
@@ -352,6 +355,14 @@ def check_output(output: Path) -> None:
     if output.suffix.lower() != ".gpkg":
         raise UserError(f"{output}: the output must be a GeoPackage (.gpkg)")
     check_writable(output, overwrite=True)
+
+
+def check_outputs_not_inputs(output: Path, sidecar_base: Path, store: Path, inputs: list[Any]) -> None:
+    """Every file and directory the run writes, replaces or clears, against every input it reads."""
+    for path in (output, sidecar(sidecar_base, ".quicklook.png"), sidecar(sidecar_base, ".report.json"),
+                 lock_path(output)):
+        check_not_input(path, inputs)
+    check_not_input(store, inputs, "saved-tiles folder")
 
 
 def reusable_output(output: Path, layer: str, result_key: str, overwrite: bool, keep_other_layers: bool) -> bool:

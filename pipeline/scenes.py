@@ -39,10 +39,14 @@ def read_manifest(path: Path) -> list[str]:
 
 
 def expand_scenes(arguments: list[str]) -> list[str]:
-    """Scene arguments (paths, globs, manifests) -> scene paths in the order given, each once."""
+    """Scene arguments (paths, globs, manifests) -> scene paths in the order given, each once.
+
+    An existing file is always itself, even when its name holds glob characters (`ortho[2023].tif` would
+    otherwise match `ortho2.tif`)."""
     scenes: list[str] = []
     for argument in arguments:
-        if not is_virtual(argument) and GLOB_CHARS.search(argument):
+        literal = os.path.exists(argument)
+        if not literal and not is_virtual(argument) and GLOB_CHARS.search(argument):
             found = sorted(glob.glob(argument, recursive=True))
             if not found:
                 raise UserError(f"{argument}: no file matches this pattern")

@@ -2,7 +2,8 @@
 
 Each finished window is one small `.npz` (no pickle), written atomically. A manifest holds a fingerprint
 of everything that decides a tile's result (scene, model, reading and threshold options); a store whose
-fingerprint differs is stale and is cleared rather than reused.
+fingerprint differs is stale and is cleared rather than reused. Every tile carries the fingerprint too and
+is reused only under it: a tile written under other settings is never taken for one of this run's.
 """
 
 from __future__ import annotations
@@ -26,11 +27,12 @@ def state_dir(output: str | Path, layer: str | None = None) -> Path:
     return output.with_name(f".{output.name}.{layer}.tiles" if layer else f".{output.name}.tiles")
 
 
-def encode(result: TileResult) -> dict[str, np.ndarray]:
+def encode(result: TileResult, key: str) -> dict[str, np.ndarray]:
     inst = result.instances
     shapes = np.array([m.mask.shape for m in inst], dtype=np.int64).reshape(-1, 2)
     bits = np.concatenate([m.mask.ravel() for m in inst]) if inst else np.zeros(0, dtype=bool)
     return {
+        "fingerprint": np.array(key),
         "index": np.int64(result.index),
         "status": np.array(result.status),
         "origin": np.array([(m.row, m.col) for m in inst], dtype=np.int64).reshape(-1, 2),
@@ -79,9 +81,13 @@ class TileStore:
         for path in sorted(self.directory.glob("tile-*.npz")):
             try:
                 with np.load(path, allow_pickle=False) as data:
-                    yield decode(data)
+                    result = decode(data) if str(data["fingerprint"]) == self.key else None
             except (OSError, ValueError, KeyError):
-                path.unlink(missing_ok=True)  # damaged by a crash mid-write: that tile simply runs again
+                result = None  # damaged by a crash mid-write, or saved by an older version
+            if result is None:  # or made under other settings: that tile simply runs again
+                path.unlink(missing_ok=True)
+            else:
+                yield result
 
     def save(self, result: TileResult) -> None:
         if not self.directory.exists():
@@ -90,7 +96,7 @@ class TileStore:
                 tmp.write_text(json.dumps({"fingerprint": self.key}))
         with atomic_path(self.directory / f"tile-{result.index:08d}.npz") as tmp:
             with open(tmp, "wb") as f:
-                np.savez(f, **encode(result))
+                np.savez(f, **encode(result, self.key))
 
     def remove(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
