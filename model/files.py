@@ -73,11 +73,21 @@ def atomic_path(path: str | Path, overwrite: bool = True) -> Iterator[Path]:
         yield tmp
         if not tmp.exists():
             raise RuntimeError(f"nothing was written to {tmp}")
+        sync(tmp)  # the data is on disk before the name says the file is complete
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
+
+
+def sync(path: Path) -> None:
+    """Flush a written file to the disk (once per output, so writers may skip syncing as they go)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def lock_path(path: str | Path) -> Path:

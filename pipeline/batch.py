@@ -1,8 +1,9 @@
 """Many scenes in one job: one GeoPackage per scene, or one GeoPackage with a layer per scene.
 
-The scenes run one after another on the same Ray actors (the model is loaded once per worker). A rerun
-after an interruption skips the scenes that are done: their outputs (or layers) carry a fingerprint of
-the scene, model and options that produced them.
+The scenes share the same model workers (the model is loaded once per worker) and flow into each other (the
+next scene's tiles are computed while the previous one is written). A rerun after an interruption skips the
+scenes that are done: their outputs (or layers) carry a fingerprint of the scene, model and options that
+produced them.
 
 With one file for all scenes, the layers collect in a hidden work file beside the output
 (`.NAME.partial.gpkg`), each added atomically; it becomes the output only when every scene is done, so
@@ -11,6 +12,7 @@ the output appears complete or not at all, like a single scene's.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,10 +20,13 @@ from typing import Any
 
 from model.errors import UserError
 from model.files import check_not_input, check_writable, exclusive, lock_path
-from pipeline.execute import RayPool
+from pipeline.pool import RayPool
 from pipeline.raster import is_virtual
-from pipeline.run import RunSummary, check_output, run_scene
-from pipeline.scenes import unique_names
+from pipeline.run import run_job
+from pipeline.scene_run import SceneTask, check_output
+from pipeline.scenes import scene_name, unique_names
+from pipeline.settings import load_settings, settings_overrides
+from pipeline.summary import RunSummary
 
 
 def per_scene_outputs(scenes: list[str], out_dir: Path | None) -> list[Path]:
@@ -41,37 +46,49 @@ def work_file(output: Path) -> Path:
     return output.with_name(f".{output.stem}.partial.gpkg")
 
 
-def run_scenes(scenes: list[str], predictor: Callable, pool: RayPool, *, output: Path | None = None,
-               out_dir: Path | None = None, overwrite: bool = False, **run_options: Any) -> Iterator[RunSummary]:
-    """Run every scene; yield each scene's summary as it finishes.
+def plan_tasks(scenes: list[str], settings: dict[str, Any], *, output: Path | None = None,
+               out_dir: Path | None = None, inputs: list[Any] = ()) -> list[SceneTask]:
+    """Every scene's task, with every output checked against every input, before any work starts.
 
-    `output`: one GeoPackage, one layer per scene (named after it). Else `out_dir`: one GeoPackage per
-    scene named after it (default: beside each scene). `run_options`: as for `run_scene`.
-    """
+    `output`: one GeoPackage, one layer per scene (named after it). Else `out_dir`: one GeoPackage per scene
+    named after it (default: beside each scene)."""
+    inputs = [*scenes, *inputs]
     if output is not None and len(scenes) > 1:
-        yield from run_into_one_file(scenes, output, predictor, pool, overwrite, **run_options)
-        return
-    outputs = [output] if output is not None else per_scene_outputs(scenes, out_dir)
-    inputs = [*scenes, getattr(predictor, "checkpoint", None), run_options.get("config")]
-    for path in outputs:  # scene b.gpkg (a raster GeoPackage) may be the output of scene b.tif
-        check_not_input(path, inputs)
-    for scene, path in zip(scenes, outputs):
-        yield run_scene(scene, path, predictor, pool=pool, overwrite=overwrite, **run_options)
+        names = unique_names(scenes)
+        check_output(output)
+        check_writable(output, bool(settings["run"]["overwrite"]))  # refuse now, not after the first scene
+        work = work_file(output)
+        for path in (output, work, lock_path(output)):
+            check_not_input(path, inputs)
+        tasks = [SceneTask(scene, work, name, output.with_name(f"{output.stem}.{name}.gpkg"), keep_other_layers=True)
+                 for scene, name in zip(scenes, names)]
+    else:
+        outputs = [output] if output is not None else per_scene_outputs(scenes, out_dir)
+        layer = settings["run"]["layer"]
+        tasks = [SceneTask(scene, path, layer or scene_name(scene), path) for scene, path in zip(scenes, outputs)]
+    for task in tasks:  # scene b.gpkg (a raster GeoPackage) may be the output of scene b.tif
+        task.check(inputs)
+    return tasks
 
 
-def run_into_one_file(scenes: list[str], output: Path, predictor: Callable, pool: RayPool, overwrite: bool,
-                      **run_options: Any) -> Iterator[RunSummary]:
-    names = unique_names(scenes)
-    check_output(output)
-    check_writable(output, overwrite)  # refuse before any scene runs, not after the first one
-    work = work_file(output)
-    inputs = [*scenes, getattr(predictor, "checkpoint", None), run_options.get("config")]
-    for path in (output, work, lock_path(output)):
-        check_not_input(path, inputs)
-    with exclusive(output):  # one job per output file; each scene also holds the work file while it runs
-        for scene, name in zip(scenes, names):
-            summary = run_scene(scene, work, predictor, pool=pool, layer=name, keep_other_layers=True,
-                                sidecar_base=output.with_name(f"{output.stem}.{name}.gpkg"), **run_options)
-            summary.output = str(output)
+def run_scenes(scenes: list[str], predictor: Callable, pool: RayPool | None, *, output: Path | None = None,
+               out_dir: Path | None = None, config: str | Path | None = None, progress: bool = True,
+               **options: Any) -> Iterator[RunSummary]:
+    """Run every scene; yield each scene's summary as it is written (see `plan_tasks` for the outputs).
+    `options`: as for `run_scene`."""
+    settings = load_settings(config, settings_overrides(options))
+    tasks = plan_tasks(scenes, settings, output=output, out_dir=out_dir,
+                       inputs=[getattr(predictor, "checkpoint", None), config])
+    yield from run_planned(tasks, predictor, settings, pool, progress, output if len(scenes) > 1 else None)
+
+
+def run_planned(tasks: list[SceneTask], predictor: Callable, settings: dict[str, Any], pool: RayPool | None,
+                progress: bool, one_file: Path | None) -> Iterator[RunSummary]:
+    """Run checked tasks; with `one_file`, hold it for the whole job and move the work file into place."""
+    with exclusive(one_file) if one_file else contextlib.nullcontext():
+        for summary in run_job(tasks, predictor, settings, pool, progress):
+            if one_file:
+                summary.output = str(one_file)
             yield summary
-        os.replace(work, output)
+        if one_file:
+            os.replace(work_file(one_file), one_file)

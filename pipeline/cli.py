@@ -123,29 +123,28 @@ def _options(args: argparse.Namespace, names: list[str]) -> dict[str, Any]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from pipeline.batch import run_scenes
-    from pipeline.execute import RayPool
-    from pipeline.predict import CheckpointPredictor
+    from pipeline.batch import plan_tasks, run_planned
+    from pipeline.pool import RayPool
+    from pipeline.run import checkpoint_predictor
     from pipeline.scenes import expand_scenes
     from pipeline.settings import load_settings, settings_overrides
 
     options = _options(args, ["tile", "overlap", "bands", "batch_size", "score_threshold", "device",
                               "ray_address", "workers", "gpus_per_worker", "threads_per_worker", "simplify"])
+    if args.overwrite:
+        options["overwrite"] = True
     settings = load_settings(args.config, settings_overrides(options))  # refuse bad options before any work
     scenes = expand_scenes(args.scenes)
-    checkpoint = args.checkpoint or settings["run"]["checkpoint"]
-    if not checkpoint:
-        raise UserError("no model given: pass --checkpoint model.pt (train one with `python -m pipeline train "
-                        "--config configs/swin_t.yaml --data DIR --out model.pt`)")
-    predictor = CheckpointPredictor(checkpoint, settings["run"]["device"], settings["run"]["score_threshold"])
-    if args.out_dir:
-        Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+    predictor = checkpoint_predictor(args.checkpoint, settings)
+    output = Path(args.output) if args.output else None
+    out_dir = Path(args.out_dir) if args.out_dir else None
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    # Every scene's output is checked before Ray starts and the model loads: bad input answers at once.
+    tasks = plan_tasks(scenes, settings, output=output, out_dir=out_dir, inputs=[predictor.checkpoint, args.config])
     code = 0
     with RayPool(predictor, settings) as pool:
-        for summary in run_scenes(scenes, predictor, pool, output=Path(args.output) if args.output else None,
-                                  out_dir=Path(args.out_dir) if args.out_dir else None,
-                                  overwrite=bool(args.overwrite or settings["run"]["overwrite"]),
-                                  config=args.config, **options):
+        for summary in run_planned(tasks, predictor, settings, pool, True, output if len(scenes) > 1 else None):
             print("\n".join(summary.lines()))
             if not summary.complete:
                 code = EXIT_INCOMPLETE
@@ -222,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt as exc:
-        from pipeline.run import Interrupted
+        from pipeline.summary import Interrupted
 
         message = str(exc) if isinstance(exc, Interrupted) else "interrupted"
         print(message, file=sys.stderr)

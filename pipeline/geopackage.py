@@ -12,44 +12,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import geopandas as gpd
 import numpy as np
 import pyogrio
-import shapely
-from pyproj import CRS, Transformer
-from pyproj.crs import ProjectedCRS
-from pyproj.crs.coordinate_operation import LambertAzimuthalEqualAreaConversion
+import pyogrio.raw
+from pyproj import CRS
 
 from model.files import atomic_path
+from pipeline.features import Rows
 from pipeline.style import write_default_style
 
 METADATA_KEY = "aerial_seg_run"
-
-
-def areas_m2(geoms: Sequence[Any], crs: CRS | str) -> np.ndarray:
-    """True areas in square metres, on the ellipsoid of the CRS's datum.
-
-    Planar area is only right in an equal-area projection: Web Mercator inflates it by 1/cos^2(latitude),
-    UTM by its scale factor squared (-0.08 % to +0.2 %), and degrees have no area at all. So all
-    coordinates go, in one vectorized transform (which also takes care of linear units such as US survey
-    feet), to a Lambert azimuthal equal-area projection on the CRS's own ellipsoid, centred on the batch,
-    where planar area is the ellipsoidal area; shapely then measures every polygon at once.
-    """
-    crs = CRS.from_user_input(crs)
-    geoms = np.asarray(list(geoms), dtype=object)
-    if geoms.size == 0:
-        return np.zeros(0, dtype=np.float64)
-    present = geoms[~shapely.is_empty(geoms)]
-    if present.size == 0:
-        return np.zeros(geoms.size, dtype=np.float64)
-    geographic = crs.geodetic_crs or CRS.from_epsg(4326)
-    # Centred on one of the polygons, never near the projection's antipodal singularity.
-    x, y = shapely.get_coordinates(shapely.point_on_surface(present[0]))[0]
-    lon, lat = Transformer.from_crs(crs, geographic, always_xy=True).transform(x, y)
-    equal_area = ProjectedCRS(LambertAzimuthalEqualAreaConversion(lat, lon), geodetic_crs=geographic)
-    project = Transformer.from_crs(crs, equal_area, always_xy=True)
-    projected = shapely.transform(geoms, lambda xy: np.column_stack(project.transform(xy[:, 0], xy[:, 1])))
-    return shapely.area(projected).astype(np.float64)
 
 
 def read_run_metadata(path: Path, layer: str) -> dict[str, Any] | None:
@@ -74,50 +46,52 @@ class GeoPackageWriter:
                  metadata: dict[str, Any] | None = None, overwrite: bool = False,
                  class_names: Sequence[str] | None = None, keep_other_layers: bool = False):
         self.path, self.crs, self.layer = Path(path), CRS.from_user_input(crs), layer
-        # The layer's GDAL metadata, which GeoPackage keeps inside the file (gpkg_metadata table), as one
-        # JSON item so nested configs survive: json.loads(pyogrio.read_info(path)["layer_metadata"][METADATA_KEY])
-        self.metadata = {METADATA_KEY: json.dumps(metadata or {}, default=str)}
+        self.set_metadata(metadata or {})
         self.overwrite, self.keep_other_layers = overwrite, keep_other_layers
         self.classes = {i + 1: str(name) for i, name in enumerate(class_names or [])}
         self.count = 0
         self.started = False
 
+    def set_metadata(self, metadata: dict[str, Any]) -> None:
+        """The layer's GDAL metadata, which GeoPackage keeps inside the file (gpkg_metadata table), as one JSON
+        item so nested configs survive: json.loads(pyogrio.read_info(path)["layer_metadata"][METADATA_KEY]).
+        What is set when the writer closes is what the file keeps."""
+        self.metadata = {METADATA_KEY: json.dumps(metadata, default=str)}
+
     def __enter__(self) -> "GeoPackageWriter":
+        # Each append commits a SQLite transaction, which by default waits for the disk (fsync) every time:
+        # 100 ms per batch on a busy disk. The file being written is a temporary one, renamed into place
+        # only once it is complete and synced (`atomic_path`), so a crash can never leave a damaged output.
+        pyogrio.set_gdal_config_options({"OGR_SQLITE_SYNCHRONOUS": "OFF"})
         self._atomic = atomic_path(self.path, overwrite=self.overwrite or self.keep_other_layers)
         self.tmp = self._atomic.__enter__()
         if self.keep_other_layers and self.path.exists():
             shutil.copyfile(self.path, self.tmp)
         return self
 
-    def write(self, geoms: Sequence[Any], class_ids: Sequence[int], class_names: Sequence[str],
-              scores: Sequence[float]) -> None:
-        """Append one batch of polygons (Polygon or MultiPolygon, in the writer's CRS) and their attributes."""
-        frame = gpd.GeoDataFrame(
-            {
-                "class_name": np.asarray(class_names, dtype=object),
-                "class_id": np.asarray(class_ids, dtype=np.int32),
-                "score": np.asarray(scores, dtype=np.float32),
-                "area_m2": areas_m2(geoms, self.crs),
-            },
-            geometry=gpd.GeoSeries(list(geoms), crs=self.crs),
-        )
-        options: dict[str, Any] = {}
-        if not self.started:  # a new layer (replacing one of the same name in a copied file)
-            options["layer_metadata"] = self.metadata
-            if not self.tmp.exists():
-                # GeoPackage 1.2: QGIS builds on older GDAL warn about the 1.4 files newer GDAL writes by default.
-                options["dataset_options"] = {"VERSION": "1.2"}
-        pyogrio.write_dataframe(frame, self.tmp, layer=self.layer, driver="GPKG", append=self.started,
-                                promote_to_multi=True, geometry_type="MultiPolygon", **options)
+    def write(self, rows: Rows, class_names: Sequence[str]) -> None:
+        """Append one batch of rows (WKB polygons in the writer's CRS, their attributes) as they are: no
+        geometry object is built here."""
+        options: dict[str, Any] = {"layer_metadata": self.metadata}  # the last batch's metadata stays
+        if not self.tmp.exists():
+            # GeoPackage 1.2: QGIS builds on older GDAL warn about the 1.4 files newer GDAL writes by default.
+            options["dataset_options"] = {"VERSION": "1.2"}
+        fields = [np.asarray(class_names, dtype=object), rows.class_ids.astype(np.int32),
+                  rows.scores.astype(np.float32), rows.areas.astype(np.float64)]
+        pyogrio.raw.write(self.tmp, geometry=np.array(rows.wkb, dtype=object), field_data=fields,
+                          fields=["class_name", "class_id", "score", "area_m2"], layer=self.layer, driver="GPKG",
+                          geometry_type="MultiPolygon", crs=self.crs.to_wkt(), promote_to_multi=True,
+                          append=self.started, **options)
         self.started = True
-        self.classes.update(zip((int(c) for c in class_ids), (str(n) for n in class_names)))
-        self.count += len(frame)
+        self.classes.update(zip(rows.class_ids.tolist(), (str(n) for n in class_names)))
+        self.count += len(rows)
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         if exc_type is None:
             try:
-                if not self.started:
-                    self.write([], [], [], [])  # no instances: still a valid layer with its schema
+                # The run's metadata as it stands at the end (counts, failed windows), on a layer that exists
+                # even without instances.
+                self.write(Rows.empty(), [])
                 write_default_style(self.tmp, self.layer, self.classes or {1: "object"})
             except BaseException as error:
                 self._atomic.__exit__(type(error), error, error.__traceback__)  # removes the temporary file

@@ -1,14 +1,19 @@
 """The compact record each detection travels as: its mask cropped to its box, in scene pixels.
 
-Never whole-tile or whole-scene masks: a tile's results cost O(object pixels), not O(tile area), so what
-the workers send back and what the merge holds stays small whatever the scene size.
+Never whole-tile or whole-scene masks: a tile's results cost O(object pixels), not O(tile area), so what the
+workers send back and what the merge holds stays small whatever the scene size. A model's output comes in
+one of two forms (README, "Pluggable model step"): torchvision's (a probability mask of the whole tile per
+detection) or the compact one (a boolean mask cropped to each detection, made where the model runs).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+
+from pipeline.rect import Rect
 
 
 @dataclass
@@ -18,30 +23,61 @@ class Instance:
     mask: np.ndarray  # bool h x w, tight (no empty border rows or columns)
     score: float
     label: int
-    window: tuple[int, int, int, int]  # (col_off, row_off, width, height) of the tile that saw it, scene pixels
+    window: Rect  # the window that saw it
+    tile: int = 0  # that window's index in the scene's plan
+    position: int = 0  # its place among the window's detections: with `tile`, the output's row order
 
     @property
-    def box(self) -> tuple[int, int, int, int]:
-        """(col0, row0, col1, row1) in pixel-corner coordinates, end exclusive."""
+    def box(self) -> Rect:
         h, w = self.mask.shape
-        return self.col, self.row, self.col + w, self.row + h
+        return Rect(self.col, self.row, self.col + w, self.row + h)
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return self.tile, self.position
 
 
-def from_tile_prediction(
-    masks_prob: np.ndarray,
-    scores: np.ndarray,
-    labels: np.ndarray,
-    window: tuple[int, int, int, int],
-    valid: np.ndarray,
-    mask_threshold: float,
-    score_threshold: float,
-) -> list[Instance]:
-    """Threshold a tile's N x H x W mask probabilities into tightly cropped instances in scene pixels.
+def tight(masks: list[np.ndarray], origins: np.ndarray) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """Crop each mask to its occupied rows and columns: (crops, new (row, col) origins, non-empty flags)."""
+    crops, out, nonempty = [], origins.copy(), np.zeros(len(masks), dtype=bool)
+    for k, mask in enumerate(masks):
+        rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+        if rows.size == 0:
+            crops.append(mask[:0, :0])
+            continue
+        nonempty[k] = True
+        crops.append(mask[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1])
+        out[k] += (rows[0], cols[0])
+    return crops, out, nonempty
 
-    Pixels outside `valid` (padding past the scene edge) are cleared before anything else, so padding never
-    yields objects; masks left empty are dropped. Thresholding and box finding are one vectorized pass over
-    the kept detections; each instance then costs only the copy of its own crop.
-    """
+
+def from_compact(mask_boxes: np.ndarray, crops: list[np.ndarray], scores: np.ndarray, labels: np.ndarray,
+                 window: Rect, tile: int, valid: np.ndarray, score_threshold: float) -> list[Instance]:
+    """Instances from the compact form: `mask_boxes` (N x 4 x0, y0, x1, y1 in tile pixels, end exclusive)
+    place each boolean crop in the tile. Pixels outside `valid` (padding, nodata) are cleared and crops
+    tightened; detections left empty or under the score threshold are dropped."""
+    keep = np.flatnonzero(np.asarray(scores) >= score_threshold)
+    masks, origins = [], np.zeros((len(keep), 2), dtype=np.int64)
+    height, width = valid.shape
+    for n, i in enumerate(keep):
+        x0, y0, x1, y1 = (int(v) for v in mask_boxes[i])
+        crop = np.asarray(crops[i], dtype=bool)
+        if crop.shape != (y1 - y0, x1 - x0):
+            raise ValueError(f"mask crop {i} is {crop.shape} but its box is {y1 - y0} x {x1 - x0}")
+        # Clip to the tile, then clear what is not valid image.
+        cy0, cx0, cy1, cx1 = max(y0, 0), max(x0, 0), min(y1, height), min(x1, width)
+        masks.append(crop[cy0 - y0:max(cy1, cy0) - y0, cx0 - x0:max(cx1, cx0) - x0] & valid[cy0:cy1, cx0:cx1])
+        origins[n] = (cy0, cx0)
+    masks, origins, nonempty = tight(masks, origins)
+    return [Instance(row=window.row0 + int(origins[n, 0]), col=window.col0 + int(origins[n, 1]), mask=masks[n],
+                     score=float(scores[i]), label=int(labels[i]), window=window, tile=tile)
+            for n, i in enumerate(keep) if nonempty[n]]
+
+
+def from_dense(masks_prob: np.ndarray, scores: np.ndarray, labels: np.ndarray, window: Rect, tile: int,
+               valid: np.ndarray, mask_threshold: float, score_threshold: float) -> list[Instance]:
+    """Instances from torchvision's form: N x H x W mask probabilities over the whole tile, thresholded here
+    (one vectorized pass over the kept detections, then each instance costs only the copy of its crop)."""
     scores, labels = np.asarray(scores), np.asarray(labels)
     if masks_prob.shape[1:] != valid.shape:
         raise ValueError(f"masks are {masks_prob.shape[1:]} but the valid region is {valid.shape}")
@@ -60,11 +96,67 @@ def from_tile_prediction(
     r1 = height - rows_any[:, ::-1].argmax(axis=1)
     c0 = cols_any.argmax(axis=1)
     c1 = width - cols_any[:, ::-1].argmax(axis=1)
-    col_off, row_off = int(window[0]), int(window[1])
-    win = (col_off, row_off, int(window[2]), int(window[3]))
     return [
-        Instance(row=row_off + int(r0[k]), col=col_off + int(c0[k]),
+        Instance(row=window.row0 + int(r0[k]), col=window.col0 + int(c0[k]),
                  mask=binary[k, r0[k]:r1[k], c0[k]:c1[k]].copy(),  # a copy, so the tile-sized array can be freed
-                 score=float(scores[i]), label=int(labels[i]), window=win)
+                 score=float(scores[i]), label=int(labels[i]), window=window, tile=tile)
         for k, i in enumerate(keep) if nonempty[k]
     ]
+
+
+def to_numpy(value: Any) -> np.ndarray:
+    """A torch tensor (on any device) or array-like as a numpy array, without importing torch here."""
+    if hasattr(value, "detach"):
+        value = value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def from_output(output: dict[str, Any], window: Rect, tile: int, valid: np.ndarray, mask_threshold: float,
+                score_threshold: float) -> list[Instance]:
+    """A tile's instances from a predictor's output in either form, numbered in the output's order."""
+    scores, labels = to_numpy(output["scores"]).astype(np.float64), to_numpy(output["labels"]).astype(np.int64)
+    if "mask_crops" in output:
+        found = from_compact(to_numpy(output["mask_boxes"]).astype(np.int64).reshape(-1, 4),
+                             [to_numpy(c) for c in output["mask_crops"]], scores, labels, window, tile, valid,
+                             score_threshold)
+    else:
+        masks = to_numpy(output["masks"])
+        found = from_dense(masks.reshape(len(masks), *masks.shape[-2:]), scores, labels, window, tile, valid,
+                           mask_threshold, score_threshold)
+    for position, inst in enumerate(found):
+        inst.position = position
+    return found
+
+
+@dataclass
+class InstanceBlock:
+    """Instances as a few flat arrays: how a tile's detections cross Ray and are saved for a resume
+    (no per-object Python objects to pickle, no pickle at all in the saved file)."""
+
+    origins: np.ndarray  # (N, 2) int64 (row, col)
+    shapes: np.ndarray  # (N, 2) int64 (h, w)
+    bits: np.ndarray  # packed mask bits, all masks one after the other
+    scores: np.ndarray  # (N,) float64
+    labels: np.ndarray  # (N,) int64
+    positions: np.ndarray  # (N,) int64
+
+    @classmethod
+    def of(cls, instances: list[Instance]) -> InstanceBlock:
+        bits = np.concatenate([m.mask.ravel() for m in instances]) if instances else np.zeros(0, dtype=bool)
+        return cls(origins=np.array([(m.row, m.col) for m in instances], dtype=np.int64).reshape(-1, 2),
+                   shapes=np.array([m.mask.shape for m in instances], dtype=np.int64).reshape(-1, 2),
+                   bits=np.packbits(bits), scores=np.array([m.score for m in instances], dtype=np.float64),
+                   labels=np.array([m.label for m in instances], dtype=np.int64),
+                   positions=np.array([m.position for m in instances], dtype=np.int64))
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+    def instances(self, window: Rect, tile: int) -> list[Instance]:
+        sizes = self.shapes[:, 0] * self.shapes[:, 1]
+        bits = np.unpackbits(self.bits, count=int(sizes.sum())).astype(bool)
+        starts = np.concatenate([[0], np.cumsum(sizes)])
+        return [Instance(row=int(r), col=int(c), mask=bits[starts[i]:starts[i + 1]].reshape(self.shapes[i]),
+                         score=float(self.scores[i]), label=int(self.labels[i]), window=window, tile=tile,
+                         position=int(self.positions[i]))
+                for i, (r, c) in enumerate(self.origins)]

@@ -1,48 +1,95 @@
-"""Seam merge: detections of one object from overlapping windows (fragments or duplicates) become one.
+"""Seam merge: the views of one object from overlapping windows (fragments or duplicates) become one object.
 
-Whole-mask IoU is the wrong test for fragments: a fragment holding 30 % of an object has a low IoU with its
-neighbour's fragment. Two detections from different windows are compared only where both windows could see
-them (the intersection of the two windows); they are one object when their masks agree there: IoU >=
-`iou_threshold` or intersection over the smaller >= `ios_threshold`, both measured inside that region. Two
-detections from the same window (duplicates) are compared on their whole masks with the same thresholds.
-Distinct objects, however close, have disjoint masks and never merge.
-
-Windows that only abut (`overlap` 0) share no pixel, so there the region is the seam itself: the last
-pixel line of one window against the first of the other, one pixel across. Fragments of an object cut by
-the seam line up along it; two objects that merely face each other across the seam with a gap do not touch it.
+The rule (`SeamRule`), in the README's words:
+- Two detections show one object when their masks agree where both windows could see them (the
+  intersection of the two windows): IoU >= `iou_threshold`, or intersection over the smaller mask there
+  >= `ios_threshold`. Two detections of one window (duplicates) are compared on their whole masks. Windows
+  that only abut (`overlap` 0) share no pixel; there the last pixel line of one is compared with the first
+  of the other, one pixel across. Whole-mask IoU would be wrong for fragments: a fragment holding 30 % of an
+  object has a low IoU with its neighbour's fragment.
+- A view that comes within `edge_margin` pixels of an inner edge of its window (an edge inside the scene,
+  not the scene's own) may be cut there: it is *truncated*; any other view is *whole*. A model sees a
+  whole view with context on every side, so a whole view stands for its object as it is; truncated views
+  that agree with it join it (its score and class count) without changing its outline. Truncated views of
+  an object no window saw whole (larger than the overlap, or cut by the seams) are united. Truncated views
+  lying in ground another window saw whole (inside that window, clear of its inner edges) yield to what
+  that window found there, and are dropped if they agree with none of it: a 2 px sliver along a window's
+  edge never stands alone.
+- With `class_agnostic`, views of different classes can be one object (a model's class confusion across a
+  seam); without it, only views of one class are.
+- An object's class and score are those of its highest-scoring view; its outline is its most central whole
+  view (farthest from its window's inner edges), else the union of its views.
+- Distinct objects, however close, have (nearly) disjoint masks and never merge; a truncated view joins at
+  most one whole object, so it can never glue two together.
 
 Candidate pairs come from a spatial index over the boxes, so the cost grows as n log n, never n^2; each
-comparison slices the two small crops, never a tile- or scene-sized array.
-
-A merged instance: mask = union of its members' masks, score = the highest score among its fragments,
-window = that best member's window.
+comparison slices the two small crops, never a tile- or scene-sized array. Two detections can only interact
+when their boxes share a pixel (or touch across an abutting seam): the rule's `reach` is one pixel, which
+sets how far from every other window a window's private region keeps (`WindowGrid.private`).
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import numpy as np
 import shapely
 
+from pipeline.features import Rows
 from pipeline.instances import Instance
+from pipeline.rect import Rect
+from pipeline.windows import WindowGrid
 
-Rect = tuple[int, int, int, int]  # (col0, row0, col1, row1), scene pixel corners, end exclusive
+
+@dataclass(frozen=True)
+class SeamRule:
+    iou_threshold: float = 0.5
+    ios_threshold: float = 0.8
+    class_agnostic: bool = True
+    edge_margin: int = 2
+
+    @property
+    def reach(self) -> int:
+        """Pixels beyond a detection's box where a detection that interacts with it can lie."""
+        return 1
 
 
-def candidate_pairs(instances: list[Instance]) -> np.ndarray:
-    """(M, 2) index pairs i < j that could be one object: same label, boxes sharing at least one pixel, and,
-    for detections from different windows, that shared part lying where both windows could see it; or, for
-    windows that only abut, boxes touching (`same_object` then checks the seam)."""
+@dataclass
+class MergedObject:
+    key: tuple[int, int]  # its earliest view's (window index, position): its row's place in the output
+    view: Instance | None  # the view whose outline stands, or None: the union of `parts`
+    parts: list[Instance]
+    score: float
+    label: int
+
+    def mask(self) -> tuple[np.ndarray, int, int]:
+        """(bool mask, row, col) of the object's outline."""
+        if self.view is not None:
+            return self.view.mask, self.view.row, self.view.col
+        c0, r0 = min(m.col for m in self.parts), min(m.row for m in self.parts)
+        c1, r1 = max(m.box.col1 for m in self.parts), max(m.box.row1 for m in self.parts)
+        mask = np.zeros((r1 - r0, c1 - c0), dtype=bool)
+        for m in self.parts:
+            h, w = m.mask.shape
+            mask[m.row - r0:m.row - r0 + h, m.col - c0:m.col - c0 + w] |= m.mask
+        return mask, r0, c0
+
+
+def candidate_pairs(instances: list[Instance], rule: SeamRule) -> np.ndarray:
+    """(M, 2) index pairs i < j that could be one object: boxes sharing at least one pixel (of the same class
+    unless class-agnostic) and, for detections from different windows, that shared part lying where both
+    windows could see it; or, for windows that only abut, boxes touching (`same_object` then checks the seam)."""
     if len(instances) < 2:
         return np.zeros((0, 2), dtype=np.int64)
-    boxes = np.array([inst.box for inst in instances], dtype=np.int64)
-    wins = np.array([inst.window for inst in instances], dtype=np.int64)
-    wins[:, 2:] += wins[:, :2]  # (col_off, row_off, width, height) -> (col0, row0, col1, row1)
-    labels = np.array([inst.label for inst in instances], dtype=np.int64)
+    boxes = np.array([inst.box.tuple() for inst in instances], dtype=np.int64)
+    wins = np.array([inst.window.tuple() for inst in instances], dtype=np.int64)
     tree = shapely.STRtree(shapely.box(boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3]))
     i, j = tree.query(tree.geometries)  # boxes are their own envelopes: the tree's test is the exact one
-    keep = (i < j) & (labels[i] == labels[j])
+    keep = i < j
+    if not rule.class_agnostic:
+        labels = np.array([inst.label for inst in instances], dtype=np.int64)
+        keep &= labels[i] == labels[j]
     i, j = i[keep], j[keep]
     # The index also reports boxes that only touch along an edge: require a shared pixel, and for different
     # windows a shared pixel inside both windows (elsewhere the two masks cannot meet in the compared region).
@@ -59,8 +106,8 @@ def candidate_pairs(instances: list[Instance]) -> np.ndarray:
 
 def pixels_in(inst: Instance, rect: Rect) -> np.ndarray:
     """The part of `inst.mask` inside a scene rectangle (clipped to the mask's box; possibly empty)."""
-    r0, c0 = max(rect[1] - inst.row, 0), max(rect[0] - inst.col, 0)
-    return inst.mask[r0:max(rect[3] - inst.row, r0), c0:max(rect[2] - inst.col, c0)]
+    r0, c0 = max(rect.row0 - inst.row, 0), max(rect.col0 - inst.col, 0)
+    return inst.mask[r0:max(rect.row1 - inst.row, r0), c0:max(rect.col1 - inst.col, c0)]
 
 
 def compared_region(a: Instance, b: Instance) -> tuple[Rect, tuple[int, int]] | None:
@@ -71,44 +118,44 @@ def compared_region(a: Instance, b: Instance) -> tuple[Rect, tuple[int, int]] | 
     it. Windows meeting only at a corner, or apart: None (a corner object links through its edge fragments).
     """
     if a.window == b.window:
-        (a0, a1, a2, a3), (b0, b1, b2, b3) = a.box, b.box
-        return (min(a0, b0), min(a1, b1), max(a2, b2), max(a3, b3)), (0, 0)
-    (ac, ar, aw, ah), (bc, br, bw, bh) = a.window, b.window
-    lo = [max(ac, bc), max(ar, br)]
-    hi = [min(ac + aw, bc + bw), min(ar + ah, br + bh)]
-    if hi[0] > lo[0] and hi[1] > lo[1]:
-        return (lo[0], lo[1], hi[0], hi[1]), (0, 0)
+        return Rect(min(a.box.col0, b.box.col0), min(a.box.row0, b.box.row0), max(a.box.col1, b.box.col1),
+                    max(a.box.row1, b.box.row1)), (0, 0)
+    shared = a.window.intersection(b.window)
+    if not shared.empty:
+        return shared, (0, 0)
+    lo, hi = [shared.col0, shared.row0], [shared.col1, shared.row1]
     across = [axis for axis in (0, 1) if hi[axis] == lo[axis]]
     if len(across) != 1 or hi[1 - across[0]] <= lo[1 - across[0]]:
         return None
     axis, seam = across[0], lo[across[0]]
-    a_before = (ac, ar)[axis] < seam  # a's window ends at the seam; b's starts there
+    a_before = (a.window.col0, a.window.row0)[axis] < seam  # a's window ends at the seam; b's starts there
     shift = [0, 0]
     shift[axis] = 1 if a_before else -1
     lo[axis], hi[axis] = (seam - 1, seam) if a_before else (seam, seam + 1)
-    return (lo[0], lo[1], hi[0], hi[1]), (shift[0], shift[1])
+    return Rect(lo[0], lo[1], hi[0], hi[1]), (shift[0], shift[1])
 
 
-def same_object(a: Instance, b: Instance, iou_threshold: float, ios_threshold: float) -> bool:
-    """Do two same-class detections show one object? (see the module docstring)"""
+def agreement(a: Instance, b: Instance, rule: SeamRule) -> int:
+    """The pixels two detections share in their compared region when they show one object (see the module
+    docstring), else 0."""
     found = compared_region(a, b)
     if found is None:
-        return False
+        return 0
     region, (dc, dr) = found
     if dc or dr:
         b = replace(b, col=b.col - dc, row=b.row - dr)  # a view: the mask is not copied
-    (a0, a1, a2, a3), (b0, b1, b2, b3) = a.box, b.box
     area_a = int(np.count_nonzero(pixels_in(a, region)))
     area_b = int(np.count_nonzero(pixels_in(b, region)))
     if area_a == 0 or area_b == 0:
-        return False
-    shared = (max(a0, b0, region[0]), max(a1, b1, region[1]), min(a2, b2, region[2]), min(a3, b3, region[3]))
-    if shared[2] <= shared[0] or shared[3] <= shared[1]:
-        return False
+        return 0
+    shared = a.box.intersection(b.box).intersection(region)
+    if shared.empty:
+        return 0
     inter = int(np.count_nonzero(pixels_in(a, shared) & pixels_in(b, shared)))
     if inter == 0:
-        return False
-    return inter / (area_a + area_b - inter) >= iou_threshold or inter / min(area_a, area_b) >= ios_threshold
+        return 0
+    same = inter / (area_a + area_b - inter) >= rule.iou_threshold or inter / min(area_a, area_b) >= rule.ios_threshold
+    return inter if same else 0
 
 
 def find(parent: list[int], i: int) -> int:
@@ -119,58 +166,193 @@ def find(parent: list[int], i: int) -> int:
     return i
 
 
-def union_of(members: list[Instance]) -> Instance:
-    """One instance: the members' masks united on their union box (still tight), the highest score and the
-    window of the member that has it."""
-    if len(members) == 1:
-        return members[0]
-    c0 = min(m.col for m in members)
-    r0 = min(m.row for m in members)
-    c1 = max(m.box[2] for m in members)
-    r1 = max(m.box[3] for m in members)
-    mask = np.zeros((r1 - r0, c1 - c0), dtype=bool)
-    for m in members:
-        h, w = m.mask.shape
-        mask[m.row - r0:m.row - r0 + h, m.col - c0:m.col - c0 + w] |= m.mask
-    best = max(members, key=lambda m: m.score)
-    return Instance(row=r0, col=c0, mask=mask, score=best.score, label=best.label, window=best.window)
-
-
-def group(instances: list[Instance], iou_threshold: float, ios_threshold: float) -> list[list[Instance]]:
-    """Detections of one object together (transitively: the four fragments at a four-window corner form one
-    group), groups in the order of their first member in the input."""
-    parent = list(range(len(instances)))
-    for i, j in candidate_pairs(instances).tolist():
+def clusters(n: int, pairs: list[tuple[int, int]]) -> list[list[int]]:
+    """Connected groups of 0..n-1 under `pairs`, each in increasing order, groups by their first member."""
+    parent = list(range(n))
+    for i, j in pairs:
         ri, rj = find(parent, i), find(parent, j)
-        if ri != rj and same_object(instances[i], instances[j], iou_threshold, ios_threshold):
+        if ri != rj:
             parent[max(ri, rj)] = min(ri, rj)
-    groups: dict[int, list[Instance]] = {}
-    for i, inst in enumerate(instances):
-        groups.setdefault(find(parent, i), []).append(inst)
+    groups: dict[int, list[int]] = {}
+    for i in range(n):
+        groups.setdefault(find(parent, i), []).append(i)
     return list(groups.values())
 
 
-def merge_instances(instances: list[Instance], iou_threshold: float, ios_threshold: float) -> list[Instance]:
-    """One instance per object: each group of detections united."""
-    return [union_of(members) for members in group(instances, iou_threshold, ios_threshold)]
+def components(instances: list[Instance], rule: SeamRule) -> list[tuple[list[int], list[tuple[int, int]]]]:
+    """Detections that may interact (candidate pairs, transitively), which one resolution must see together:
+    each component's members and its candidate pairs in the members' own numbering."""
+    pairs = [tuple(p) for p in candidate_pairs(instances, rule).tolist()]
+    groups = clusters(len(instances), pairs)
+    where = {i: (g, k) for g, members in enumerate(groups) for k, i in enumerate(members)}
+    local: list[list[tuple[int, int]]] = [[] for _ in groups]
+    for i, j in pairs:
+        g, a = where[i]
+        local[g].append((a, where[j][1]))
+    return list(zip(groups, local))
 
 
-def settle_window(instances: list[Instance], private: Rect, iou_threshold: float,
-                  ios_threshold: float) -> tuple[list[Instance], list[Instance]]:
+def edge_room(inst: Instance, grid: WindowGrid) -> int:
+    """Pixels between a detection's box and the nearest inner edge of its window (a large number if none)."""
+    box, win = inst.box, inst.window
+    inner = grid.inner(win)
+    gaps = [box.col0 - win.col0, box.row0 - win.row0, win.col1 - box.col1, win.row1 - box.row1]
+    return min((g for g, i in zip(gaps, inner) if i), default=1 << 30)
+
+
+def seen_whole_elsewhere(box: Rect, windows: set[int], grid: WindowGrid, rule: SeamRule) -> bool:
+    """Did a window other than `windows` see all of `box`, clear of its own inner edges?"""
+    return any(grid.core(grid[w], rule.edge_margin).contains(box) for w in grid.seen_by(box) if w not in windows)
+
+
+def resolve(instances: list[Instance], pairs: list[tuple[int, int]], grid: WindowGrid,
+            rule: SeamRule) -> list[MergedObject]:
+    """The objects a component of detections shows (`components`: the members and their candidate pairs), by
+    the rule of the module docstring; nothing outside a component could change its result."""
+    weight = {(i, j): agreement(instances[i], instances[j], rule) for i, j in pairs}
+    matched = [(i, j) for (i, j), w in weight.items() if w]
+    room = [edge_room(inst, grid) for inst in instances]
+    whole = [r >= rule.edge_margin for r in room]
+    groups = clusters(len(instances), [(i, j) for i, j in matched if whole[i] == whole[j]])
+    group_of = {i: g for g, members in enumerate(groups) for i in members}
+    joined: dict[int, list[int]] = {g: [] for g, members in enumerate(groups) if whole[members[0]]}
+    objects = []
+    for g, members in enumerate(groups):
+        if whole[members[0]]:
+            continue
+        # A truncated group joins the whole object it shares the most pixels with, or yields, or stands.
+        ties: dict[int, int] = {}
+        for (i, j), w in weight.items():
+            if w and whole[i] != whole[j] and group_of[i if not whole[i] else j] == g:
+                target = group_of[j if not whole[i] else i]
+                ties[target] = ties.get(target, 0) + w
+        if ties:
+            joined[max(ties, key=lambda t: (ties[t], -t))] += members
+            continue
+        parts = [instances[i] for i in members]
+        box = Rect(min(p.box.col0 for p in parts), min(p.box.row0 for p in parts),
+                   max(p.box.col1 for p in parts), max(p.box.row1 for p in parts))
+        if not seen_whole_elsewhere(box, {p.tile for p in parts}, grid, rule):
+            objects.append(merged(parts, None))
+    for g, extra in joined.items():
+        views = [instances[i] for i in groups[g]]
+        view = max(views, key=lambda v: (edge_room(v, grid), v.score, -v.tile, -v.position))
+        objects.append(merged(views + [instances[i] for i in extra], view))
+    return sorted(objects, key=lambda o: o.key)
+
+
+def merge_scene(instances: list[Instance], grid: WindowGrid, rule: SeamRule) -> list[MergedObject]:
+    """Every object of a scene's detections at once, in output order: what the streamed `SceneMerge` and the
+    workers' `settle_tile` give together, by construction (and checked by the tests)."""
+    found = [o for component, pairs in components(instances, rule)
+             for o in resolve([instances[i] for i in component], pairs, grid, rule)]
+    return sorted(found, key=lambda o: o.key)
+
+
+def merged(members: list[Instance], view: Instance | None) -> MergedObject:
+    """The object of `members`: outlined by `view`, or by the union of the members (by the one member itself
+    when there is one); class and score of the best-scoring member."""
+    best = max(members, key=lambda m: (m.score, -m.tile, -m.position))
+    if view is None and len(members) == 1:
+        view = members[0]
+    return MergedObject(key=min(m.key for m in members), view=view, parts=members, score=best.score,
+                        label=best.label)
+
+
+def settle_tile(instances: list[Instance], grid: WindowGrid, tile: int,
+                rule: SeamRule) -> tuple[list[MergedObject], list[Instance]]:
     """One window's detections as soon as it is done: (final objects, detections left for the scene merge).
 
-    A group of this window's duplicates lying wholly inside `private` (pixels no other window sees, see
-    `windows.private_regions`) cannot pair with any detection of another window, so the scene-wide merge
-    would form exactly this group: it is final now and can be polygonized while other tiles are computed.
-    Every other group is returned as its original members, so the scene merge sees what it would have seen.
+    Detections that may interact only with each other, all inside the window's private region (pixels no
+    other window sees, `rule.reach` clear of them), form components no other window's detection can join:
+    the scene-wide merge would resolve them exactly as here, so they are final now and are polygonized in
+    the worker. Every other detection is returned as it is, so the scene merge sees what it would have seen.
     """
-    final: list[Instance] = []
+    private = grid.private(grid[tile], rule.reach)
+    final: list[MergedObject] = []
     pending: list[Instance] = []
-    for members in group(instances, iou_threshold, ios_threshold):
-        inside = all(private[0] <= m.col and private[1] <= m.row and m.box[2] <= private[2] and m.box[3] <= private[3]
-                     for m in members)
-        if inside:
-            final.append(union_of(members))
+    for component, pairs in components(instances, rule):
+        members = [instances[i] for i in component]
+        if all(private.contains(m.box) for m in members):
+            final += resolve(members, pairs, grid, rule)
         else:
             pending += members
     return final, pending
+
+
+class SceneMerge:
+    """A scene's seam merge, streamed: detections are resolved as soon as every window that could hold a
+    partner is done, so the driver's work and memory follow the tiles in flight, not the scene's size.
+
+    `take` adds one finished window (its final rows from the worker, and its pending detections with the
+    rows of their own outlines); `flush` returns the rows whose place in the output is settled, in output
+    order (window index, then position), the same whatever order the tiles arrive in. `polygonize` turns
+    the objects united from several views (the rare ones no window saw whole) into rows.
+    """
+
+    def __init__(self, grid: WindowGrid, rule: SeamRule, polygonize: Callable[[list[MergedObject]], Rows]):
+        self.grid, self.rule, self.polygonize = grid, rule, polygonize
+        self.done = np.zeros((len(grid.rows), len(grid.cols)), dtype=bool)
+        self.first_not_done = 0
+        self.pending: list[Instance] = []
+        self.first_pending = len(grid)  # the smallest window index among pending detections
+        self.own: dict[tuple[int, int], tuple[bytes, float]] = {}  # a pending detection's own outline and area
+        self.waiting: dict[int, list[Rows]] = {}  # rows by window index, until the frontier passes it
+        self.added = 0  # pending detections since the last resolution
+        self.objects = 0
+
+    def take(self, tile: int, final: Rows, pending: list[Instance], pending_rows: Rows) -> None:
+        self.done.flat[tile] = True
+        while self.first_not_done < len(self.grid) and self.done.flat[self.first_not_done]:
+            self.first_not_done += 1
+        self.wait(final)
+        self.objects += len(final)
+        self.pending += pending
+        self.first_pending = min([self.first_pending] + [m.tile for m in pending[:1]])
+        self.own.update(zip(map(tuple, pending_rows.keys.tolist()), zip(pending_rows.wkb, pending_rows.areas)))
+        self.added += len(pending)
+
+    def wait(self, rows: Rows) -> None:
+        for tile in np.unique(rows.keys[:, 0]).tolist():
+            self.waiting.setdefault(tile, []).append(rows.take(np.flatnonzero(rows.keys[:, 0] == tile)))
+
+    def flush(self, last: bool = False) -> Rows:
+        """Rows now in their final place; with `last`, everything (every window is done or has failed)."""
+        if self.pending and (last or self.added >= max(64, len(self.pending) // 2)):
+            self.resolve_ready(last)
+        frontier = len(self.grid) if last else min(self.first_not_done, self.first_pending)
+        released = sorted(t for t in self.waiting if t < frontier)
+        return Rows.concat([rows for t in released for rows in self.waiting.pop(t)]).sorted()
+
+    def resolve_ready(self, last: bool) -> None:
+        self.added = 0
+        found = components(self.pending, self.rule)
+        ready_view = np.ones(len(self.pending), dtype=bool) if last else self.ready_views()
+        resolved: list[MergedObject] = []
+        keep: list[Instance] = []
+        for component, pairs in found:
+            members = [self.pending[i] for i in component]
+            if ready_view[component].all():
+                resolved += resolve(members, pairs, self.grid, self.rule)
+            else:
+                keep += members
+        self.pending = keep
+        self.first_pending = min((m.tile for m in keep), default=len(self.grid))
+        single = [o for o in resolved if o.view is not None]
+        self.wait(Rows(np.array([o.key for o in single], dtype=np.int64).reshape(-1, 2),
+                       [self.own[o.view.key][0] for o in single],
+                       np.array([o.label for o in single], dtype=np.int64),
+                       np.array([o.score for o in single], dtype=np.float64),
+                       np.array([self.own[o.view.key][1] for o in single], dtype=np.float64)))
+        self.wait(self.polygonize([o for o in resolved if o.view is None]))
+        self.objects += len(resolved)
+        self.own = {m.key: self.own[m.key] for m in keep}
+
+    def ready_views(self) -> np.ndarray:
+        """Per pending detection: is every window that could hold a partner (sharing a pixel with its box
+        grown by the rule's reach) done?"""
+        boxes = np.array([m.box.grown(self.rule.reach).tuple() for m in self.pending], dtype=np.int64)
+        c0, c1, r0, r1 = self.grid.spans(boxes)
+        missing = np.pad(np.cumsum(np.cumsum(~self.done, axis=0), axis=1), ((1, 0), (1, 0)))
+        count = missing[r1, c1] - missing[r0, c1] - missing[r1, c0] + missing[r0, c0]
+        return count == 0

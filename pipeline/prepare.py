@@ -30,7 +30,6 @@ import rasterio
 import rasterio.windows
 import shapely
 from rasterio.errors import RasterioError
-from rasterio.windows import Window
 from shapely.geometry import box
 from tqdm import tqdm
 
@@ -42,6 +41,7 @@ from pipeline.raster import (Scaling, SceneInfo, compute_scaling, is_virtual, no
                              read_window, resolve_bands, to_uint8, write_png)
 from pipeline.scenes import expand_scenes, fingerprint, scene_identity
 from pipeline.split import spatial_split
+from pipeline.rect import Rect
 from pipeline.windows import plan_windows
 
 SPLITS = ("train", "val")
@@ -51,7 +51,7 @@ PART_WINDOWS = 16
 PART_FORMAT = 1  # version of the saved part files: bump when what a part saves changes
 EXECUTION_KEYS = ("workers", "ray_address")  # how the cutting runs, never what it produces
 
-WindowBox = tuple[int, int, int, int]  # col_off, row_off, width, height
+WindowBox = tuple[int, int, int, int]  # col, row, width, height (as COCO records hold a window)
 
 
 @dataclass(frozen=True)
@@ -161,7 +161,7 @@ def plan_scene(scene: str, scene_index: int, frame: gpd.GeoDataFrame, settings: 
     parts = []
     for first, stop in part_spans(len(windows)):
         chunk = windows[first:stop]
-        boxes = [(int(w.col_off), int(w.row_off), int(w.width), int(w.height)) for w in chunk]
+        boxes = [(w.col0, w.row0, w.width, w.height) for w in chunk]
         part_sides = sides[first:stop]
         geoms, classes = labels_over(inside, chunk, info)
         wkb = [bytes(g) for g in shapely.to_wkb(geoms)] if geoms else []
@@ -190,11 +190,11 @@ def labels_inside(frame: gpd.GeoDataFrame, info: SceneInfo) -> gpd.GeoDataFrame:
     return scene_labels[scene_labels.intersects(box(left, bottom, right, top))].reset_index(drop=True)
 
 
-def window_box(window: Window, info: SceneInfo) -> Any:
-    return box(*rasterio.windows.bounds(window, info.transform))
+def window_box(window: Rect, info: SceneInfo) -> Any:
+    return box(*rasterio.windows.bounds(window.to_window(), info.transform))
 
 
-def labels_over(inside: gpd.GeoDataFrame, windows: list[Window], info: SceneInfo) -> tuple[list[Any], list[str]]:
+def labels_over(inside: gpd.GeoDataFrame, windows: list[Rect], info: SceneInfo) -> tuple[list[Any], list[str]]:
     """The labels touching any of `windows` (a task gets these, not the whole file), in label-file order."""
     rows = np.unique(np.concatenate([inside.sindex.query(window_box(w, info), predicate="intersects")
                                      for w in windows]))
@@ -348,7 +348,7 @@ def cut_part(part: Part, scaling: Scaling, staging: Path) -> dict[str, Any]:
         if side == "drop":
             counts["dropped_split_border"] += 1
             continue
-        window = Window(col, row, w, h)
+        window = Rect(col, row, col + w, row + h)
         try:
             raw, valid = read_window(part.path, window, part.bands, part.nodata, part.info.masked)
         except RasterioError as exc:  # GDAL's own message (the failed block) is in the chained error
@@ -357,7 +357,7 @@ def cut_part(part: Part, scaling: Scaling, staging: Path) -> dict[str, Any]:
         if not valid.any():
             counts["skipped_nodata"] += 1
             continue
-        w_transform = rasterio.windows.transform(window, part.info.transform)
+        w_transform = rasterio.windows.transform(window.to_window(), part.info.transform)
         objects = []
         for i in np.sort(tree.query(window_box(window, part.info), predicate="intersects")):
             body = annotation_body(geoms[i], w_transform, h, w, part.min_area_px)

@@ -24,6 +24,7 @@ from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.windows import Window
 
 from model.errors import UserError, first_line
+from pipeline.rect import Rect
 from pipeline.windows import valid_region
 
 SAMPLE_SIDE = 1024  # long side of the decimated read used for percentile statistics
@@ -171,7 +172,7 @@ def read_overview(path: str, info: SceneInfo, bands: list[int],
     return data[[unique.index(b) for b in bands]], valid, transform
 
 
-def read_window(path: str, window: Window, bands: list[int], nodata: float | None,
+def read_window(path: str, window: Rect, bands: list[int], nodata: float | None,
                 masked: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Raw C x H x W values of a full-size window (padded past the scene edge) and a bool `valid` mask that is
     False over padding, over pixels that are nodata in every band read and, for a `masked` scene, where its
@@ -179,10 +180,10 @@ def read_window(path: str, window: Window, bands: list[int], nodata: float | Non
     with rasterio.open(path) as src:
         unique = sorted(set(bands))
         fill = nodata if nodata is not None else 0
-        data = src.read(unique, window=window, boundless=True, fill_value=fill)
+        data = src.read(unique, window=window.to_window(), boundless=True, fill_value=fill)
         valid = valid_region(window, src.width, src.height)
         if masked:
-            valid &= src.dataset_mask(window=window, boundless=True) > 0
+            valid &= src.dataset_mask(window=window.to_window(), boundless=True) > 0
     raw = data[[unique.index(b) for b in bands]]
     if nodata is not None:
         valid &= ~np.all(data == nodata, axis=0) if not np.isnan(nodata) else ~np.all(np.isnan(data), axis=0)

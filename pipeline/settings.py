@@ -32,10 +32,11 @@ DEFAULTS: dict[str, Any] = {
         "ray_address": None,  # None: this machine; "auto" or "HOST:PORT": an existing Ray cluster
     },
     "run": {
-        "batch_size": 2,
+        "batch_size": None,  # tiles per model forward; None: 2 on the CPU, 8 on a GPU
         "score_threshold": 0.5,
         "mask_threshold": 0.5,
         "device": "cpu",  # cpu | cuda
+        "precision": "auto",  # cuda only: auto (the checkpoint's model.amp) | float32 | float16 | bfloat16
         "ray_address": None,  # None: in-process local Ray; "auto" or "HOST:PORT": an existing cluster
         "workers": 1,
         "gpus_per_worker": 1.0,  # used only with device cuda
@@ -50,6 +51,8 @@ DEFAULTS: dict[str, Any] = {
     "merge": {
         "iou_threshold": 0.5,  # mask IoU inside the shared part of two windows
         "ios_threshold": 0.8,  # or intersection over the smaller mask there
+        "class_agnostic": True,  # views of different classes can be one object (a model's confusion at seams)
+        "edge_margin": 2,  # a view this close (pixels) to an inner edge of its window may be cut there
     },
 }
 
@@ -92,6 +95,8 @@ def validate(s: dict[str, Any]) -> None:
     if p["workers"] is not None and (not isinstance(p["workers"], int) or not 1 <= p["workers"] <= 4096):
         raise UserError(f"prepare.workers must be an integer in [1, 4096], got {p['workers']!r}")
     r = s["run"]
+    if r["batch_size"] is None:
+        r["batch_size"] = 8 if r["device"] == "cuda" else 2
     if not isinstance(r["batch_size"], int) or not 1 <= r["batch_size"] <= 256:
         raise UserError(f"batch_size must be an integer in [1, 256], got {r['batch_size']!r}")
     if not 0 <= r["score_threshold"] <= 1 or not 0 < r["mask_threshold"] < 1:
@@ -104,9 +109,15 @@ def validate(s: dict[str, Any]) -> None:
         raise UserError(f"gpus_per_worker must be in (0, 8], got {r['gpus_per_worker']!r}")
     if r["batches_in_flight"] < 1 or r["simplify"] < 0:
         raise UserError("batches_in_flight must be >= 1 and simplify >= 0")
+    if r["precision"] not in ("auto", "float32", "float16", "bfloat16"):
+        raise UserError(f"precision must be auto, float32, float16 or bfloat16, got {r['precision']!r}")
     m = s["merge"]
     if not 0 < m["iou_threshold"] <= 1 or not 0 < m["ios_threshold"] <= 1:
         raise UserError("merge thresholds must be in (0, 1]")
+    if not isinstance(m["class_agnostic"], bool):
+        raise UserError(f"merge.class_agnostic must be true or false, got {m['class_agnostic']!r}")
+    if not isinstance(m["edge_margin"], int) or not 0 <= m["edge_margin"] <= 64:
+        raise UserError(f"merge.edge_margin must be an integer number of pixels in [0, 64], got {m['edge_margin']!r}")
 
 
 def settings_overrides(options: dict[str, Any]) -> dict[str, Any]:

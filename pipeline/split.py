@@ -8,14 +8,14 @@ so no ground is seen in training and scored in validation.
 from __future__ import annotations
 
 import numpy as np
-from rasterio.windows import Window
+from pipeline.rect import Rect
 
 
-def block_ids(windows: list[Window], block_px: int) -> list[tuple[int, int]]:
-    return [(int(w.row_off) // block_px, int(w.col_off) // block_px) for w in windows]
+def block_ids(windows: list[Rect], block_px: int) -> list[tuple[int, int]]:
+    return [(w.row0 // block_px, w.col0 // block_px) for w in windows]
 
 
-def spatial_split(windows: list[Window], block_px: int, val_fraction: float, seed: int) -> list[str]:
+def spatial_split(windows: list[Rect], block_px: int, val_fraction: float, seed: int) -> list[str]:
     """'train', 'val' or 'drop' for each window of one scene."""
     ids = block_ids(windows, block_px)
     blocks = sorted(set(ids))
@@ -27,13 +27,12 @@ def spatial_split(windows: list[Window], block_px: int, val_fraction: float, see
     order = np.random.default_rng(seed).permutation(len(blocks))
     val_blocks = {blocks[i] for i in order[:n_val]}
     sides = ["val" if b in val_blocks else "train" for b in ids]
-    val_boxes = np.array([[w.col_off, w.row_off, w.col_off + w.width, w.row_off + w.height]
-                          for w, s in zip(windows, sides) if s == "val"], dtype=np.int64).reshape(-1, 4)
+    val_boxes = np.array([w.tuple() for w, s in zip(windows, sides) if s == "val"], dtype=np.int64).reshape(-1, 4)
     for i, (w, side) in enumerate(zip(windows, sides)):
         if side != "train" or len(val_boxes) == 0:
             continue
-        overlaps = ((np.minimum(val_boxes[:, 2], w.col_off + w.width) > np.maximum(val_boxes[:, 0], w.col_off))
-                    & (np.minimum(val_boxes[:, 3], w.row_off + w.height) > np.maximum(val_boxes[:, 1], w.row_off)))
+        overlaps = ((np.minimum(val_boxes[:, 2], w.col1) > np.maximum(val_boxes[:, 0], w.col0))
+                    & (np.minimum(val_boxes[:, 3], w.row1) > np.maximum(val_boxes[:, 1], w.row0)))
         if overlaps.any():
             sides[i] = "drop"
     return sides

@@ -1,6 +1,7 @@
 """Per-tile results saved beside the output while a run is under way, so an interrupted run resumes.
 
-Each finished window is one small `.npz` (no pickle), written atomically. A manifest holds a fingerprint
+Each finished window is one small file of raw arrays behind a JSON header (no pickle, no zip: a tile costs
+one write), written atomically. A manifest holds a fingerprint
 of everything that decides a tile's result (scene, model, reading and threshold options); a store whose
 fingerprint differs is stale and is cleared rather than reused. Every tile carries the fingerprint too and
 is reused only under it: a tile written under other settings is never taken for one of this run's.
@@ -9,6 +10,7 @@ is reused only under it: a tile written under other settings is never taken for 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,8 +19,11 @@ from typing import Any
 import numpy as np
 
 from model.files import atomic_path
-from pipeline.execute import TileResult
-from pipeline.instances import Instance
+from pipeline.features import Rows
+from pipeline.instances import InstanceBlock
+from pipeline.worker import TileOutput
+
+FORMAT = 2  # version 1 (until 2026-12) saved raw detections; its tiles are discarded and computed again
 
 
 def state_dir(output: str | Path, layer: str | None = None) -> Path:
@@ -27,35 +32,59 @@ def state_dir(output: str | Path, layer: str | None = None) -> Path:
     return output.with_name(f".{output.name}.{layer}.tiles" if layer else f".{output.name}.tiles")
 
 
-def encode(result: TileResult, key: str) -> dict[str, np.ndarray]:
-    inst = result.instances
-    shapes = np.array([m.mask.shape for m in inst], dtype=np.int64).reshape(-1, 2)
-    bits = np.concatenate([m.mask.ravel() for m in inst]) if inst else np.zeros(0, dtype=bool)
+def pack_rows(prefix: str, rows: Rows) -> dict[str, np.ndarray]:
+    return {f"{prefix}keys": rows.keys, f"{prefix}wkb": np.frombuffer(b"".join(rows.wkb), dtype=np.uint8),
+            f"{prefix}wkb_sizes": np.array([len(w) for w in rows.wkb], dtype=np.int64),
+            f"{prefix}class_ids": rows.class_ids, f"{prefix}scores": rows.scores, f"{prefix}areas": rows.areas}
+
+
+def unpack_rows(prefix: str, data: Any) -> Rows:
+    blob, ends = data[f"{prefix}wkb"].tobytes(), np.cumsum(data[f"{prefix}wkb_sizes"])
+    wkb = [blob[a:b] for a, b in zip(np.concatenate([[0], ends[:-1]]).tolist(), ends.tolist())]
+    return Rows(data[f"{prefix}keys"], wkb, data[f"{prefix}class_ids"], data[f"{prefix}scores"], data[f"{prefix}areas"])
+
+
+def encode(result: TileOutput, key: str) -> dict[str, np.ndarray]:
+    block = result.pending
     return {
-        "fingerprint": np.array(key),
-        "index": np.int64(result.index),
-        "status": np.array(result.status),
-        "origin": np.array([(m.row, m.col) for m in inst], dtype=np.int64).reshape(-1, 2),
-        "shapes": shapes,
-        "scores": np.array([m.score for m in inst], dtype=np.float64),
-        "labels": np.array([m.label for m in inst], dtype=np.int64),
-        "windows": np.array([m.window for m in inst], dtype=np.int64).reshape(-1, 4),
-        "bits": np.packbits(bits),
+        "format": np.int64(FORMAT), "fingerprint": np.frombuffer(key.encode(), dtype=np.uint8), "index": np.int64(result.index),
+        "status": np.frombuffer(result.status.encode(), dtype=np.uint8), "dropped": result.dropped, "best_dropped": np.float64(result.best_dropped),
+        **pack_rows("final_", result.final), **pack_rows("pending_", result.pending_rows),
+        "origins": block.origins, "shapes": block.shapes, "bits": block.bits, "scores": block.scores,
+        "labels": block.labels, "positions": block.positions,
     }
 
 
-def decode(data: Any) -> TileResult:
-    shapes = data["shapes"]
-    sizes = shapes[:, 0] * shapes[:, 1]
-    bits = np.unpackbits(data["bits"], count=int(sizes.sum())).astype(bool)
-    starts = np.concatenate([[0], np.cumsum(sizes)])
-    instances = [
-        Instance(row=int(r), col=int(c), mask=bits[starts[i]:starts[i + 1]].reshape(shapes[i]),
-                 score=float(data["scores"][i]), label=int(data["labels"][i]),
-                 window=tuple(int(v) for v in data["windows"][i]))
-        for i, (r, c) in enumerate(data["origin"])
-    ]
-    return TileResult(int(data["index"]), str(data["status"]), instances)
+def decode(data: Any, scene: int) -> TileOutput:
+    block = InstanceBlock(data["origins"], data["shapes"], data["bits"], data["scores"], data["labels"],
+                          data["positions"])
+    return TileOutput(scene, int(data["index"]), data["status"].tobytes().decode(), final=unpack_rows("final_", data),
+                      pending=block, pending_rows=unpack_rows("pending_", data), dropped=data["dropped"],
+                      best_dropped=float(data["best_dropped"]))
+
+
+def pack(arrays: dict[str, np.ndarray]) -> bytes:
+    """Arrays as one buffer: an 8-byte header length, a JSON header (dtype, shape, offset of each), the data."""
+    header, offset = {}, 0
+    for name, array in arrays.items():
+        array = np.ascontiguousarray(array)
+        header[name] = [array.dtype.str, list(array.shape), offset]
+        offset += array.nbytes
+    text = json.dumps(header).encode()
+    return b"".join([len(text).to_bytes(8, "little"), text,
+                     *(np.ascontiguousarray(a).tobytes() for a in arrays.values())])
+
+
+def unpack(blob: bytes) -> dict[str, np.ndarray]:
+    size = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8:8 + size])
+    data = memoryview(blob)[8 + size:]
+    out = {}
+    for name, (dtype, shape, offset) in header.items():
+        dtype = np.dtype(dtype)
+        count = int(np.prod(shape))
+        out[name] = np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape)
+    return out
 
 
 class TileStore:
@@ -75,28 +104,31 @@ class TileStore:
                 self.stale = True
                 shutil.rmtree(directory)
 
-    def saved(self) -> Iterator[TileResult]:
+    def saved(self, scene: int) -> Iterator[TileOutput]:
         if not self.directory.exists():
             return
-        for path in sorted(self.directory.glob("tile-*.npz")):
+        for path in sorted(self.directory.glob("tile-*.bin")):
             try:
-                with np.load(path, allow_pickle=False) as data:
-                    result = decode(data) if str(data["fingerprint"]) == self.key else None
-            except (OSError, ValueError, KeyError):
+                data = unpack(path.read_bytes())
+                fits = int(data["format"]) == FORMAT and data["fingerprint"].tobytes().decode() == self.key
+                result = decode(data, scene) if fits else None
+            except (OSError, ValueError, KeyError, TypeError):
                 result = None  # damaged by a crash mid-write, or saved by an older version
             if result is None:  # or made under other settings: that tile simply runs again
                 path.unlink(missing_ok=True)
             else:
                 yield result
 
-    def save(self, result: TileResult) -> None:
+    def save(self, result: TileOutput) -> None:
         if not self.directory.exists():
             self.directory.mkdir(parents=True)
             with atomic_path(self.directory / "manifest.json") as tmp:
                 tmp.write_text(json.dumps({"fingerprint": self.key}))
-        with atomic_path(self.directory / f"tile-{result.index:08d}.npz") as tmp:
-            with open(tmp, "wb") as f:
-                np.savez(f, **encode(result, self.key))
+        # Written beside its final name and renamed: a tile file is whole or absent.
+        path = self.directory / f"tile-{result.index:08d}.bin"
+        partial = path.with_suffix(".partial")
+        partial.write_bytes(pack(encode(result, self.key)))
+        os.replace(partial, path)
 
     def remove(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)

@@ -14,7 +14,7 @@ from affine import Affine
 
 from model.errors import UserError
 from pipeline.batch import run_scenes, work_file
-from pipeline.execute import RayPool
+from pipeline.pool import RayPool
 from pipeline.scenes import expand_scenes, scene_name, unique_names
 from pipeline.settings import load_settings
 from tests.oracle import OraclePredictor, paint_objects, write_scene
@@ -97,11 +97,13 @@ def test_one_file_with_a_layer_per_scene_resumes_after_an_interruption(tmp_path,
     out = tmp_path / "all.gpkg"
     job = run_scenes(scenes, OraclePredictor(), pool, output=out, **OPTIONS)
     first = next(job)
-    job.close()  # the job stops after the first scene (Ctrl-C between scenes)
+    job.close()  # the job stops after the first scene (Ctrl-C): scenes already written stay in the work file
     assert not out.exists() and work_file(out).exists()
+    assert not [p.name for p in tmp_path.iterdir() if ".partial.gpkg." in p.name or p.name.endswith(".lock")]
 
     summaries = list(run_scenes(scenes, OraclePredictor(), pool, output=out, **OPTIONS))
-    assert [s.up_to_date for s in summaries] == [True, False, False] and first.layer == summaries[0].layer
+    done = [s.up_to_date for s in summaries]
+    assert done[0] and done == sorted(done, reverse=True) and first.layer == summaries[0].layer
     assert not work_file(out).exists()
     layers = [name for name, _ in pyogrio.list_layers(out)]
     assert sorted(layers) == sorted([*expected, "layer_styles"])

@@ -14,10 +14,23 @@ from pyproj import Transformer
 from shapely.geometry import MultiPolygon, Polygon, box
 
 from model.errors import UserError
-from pipeline.geopackage import METADATA_KEY, GeoPackageWriter, areas_m2
+from pipeline.features import AreaMeter, Rows
+from pipeline.geopackage import METADATA_KEY, GeoPackageWriter
 
 X, Y = 733_600, 3_724_700  # Atlanta, UTM 16N
 SCHEMA = {"class_name": "object", "class_id": "int32", "score": "float32", "area_m2": "float64"}
+
+
+def areas_m2(geoms, crs) -> np.ndarray:
+    geoms = np.array(list(geoms), dtype=object)
+    centre = shapely.get_coordinates(geoms[0].representative_point())[0] if len(geoms) else (0.0, 0.0)
+    return AreaMeter(crs, tuple(centre)).areas(geoms)
+
+
+def rows(geoms, class_ids, scores, crs="EPSG:32616") -> Rows:
+    geoms = np.array([g if g.geom_type == "MultiPolygon" else MultiPolygon([g]) for g in geoms], dtype=object)
+    centre = tuple(shapely.get_coordinates(geoms[0].representative_point())[0])
+    return Rows.of([(0, k) for k in range(len(geoms))], geoms, class_ids, scores, AreaMeter(crs, centre))
 
 
 def schema(path) -> dict[str, str]:
@@ -31,8 +44,8 @@ def test_round_trip_of_two_appended_batches(tmp_path):
                    [[(X + 3, Y + 3), (X + 6, Y + 3), (X + 6, Y + 6), (X + 3, Y + 6)]])
     two_parts = MultiPolygon([box(X + 20, Y, X + 22, Y + 5), box(X + 30, Y, X + 33, Y + 5)])
     with GeoPackageWriter(out, "EPSG:32616", metadata={"checkpoint": "m.pt"}) as writer:
-        writer.write([ring, two_parts], [1, 1], ["building", "building"], [0.75, 0.6])
-        writer.write([box(X + 20, Y + 20, X + 25, Y + 30)], [2], ["tree"], [0.5])
+        writer.write(rows([ring, two_parts], [1, 1], [0.75, 0.6]), ["building", "building"])
+        writer.write(rows([box(X + 20, Y + 20, X + 25, Y + 30)], [2], [0.5]), ["tree"])
         assert not out.exists()  # nothing under the final name before the end
     frame = gpd.read_file(out)
     assert frame.crs.to_epsg() == 32616 and schema(out) == SCHEMA
@@ -48,7 +61,7 @@ def test_metadata_is_stored_in_the_geopackage(tmp_path):
     out = tmp_path / "out.gpkg"
     metadata = {"checkpoint": "/models/swin_t.pt", "config": {"tile": 512, "overlap": 64}, "counts": {"tiles": 9}}
     with GeoPackageWriter(out, "EPSG:32616", metadata=metadata) as writer:
-        writer.write([box(X, Y, X + 1, Y + 1)], [1], ["a"], [0.9])
+        writer.write(rows([box(X, Y, X + 1, Y + 1)], [1], [0.9]), ["a"])
     assert json.loads(pyogrio.read_info(out)["layer_metadata"][METADATA_KEY]) == metadata
     with sqlite3.connect(out) as db:  # inside the file, in GeoPackage's own metadata table
         stored = [row[0] for row in db.execute("SELECT metadata FROM gpkg_metadata")]
@@ -68,23 +81,23 @@ def test_empty_result_is_a_valid_layer_with_its_schema(tmp_path):
 def test_failure_mid_stream_removes_the_partial_file_and_keeps_the_previous_one(tmp_path):
     out = tmp_path / "out.gpkg"
     with GeoPackageWriter(out, "EPSG:32616") as writer:
-        writer.write([box(X, Y, X + 1, Y + 1)], [1], ["a"], [0.9])
+        writer.write(rows([box(X, Y, X + 1, Y + 1)], [1], [0.9]), ["a"])
     before = out.read_bytes()
     with pytest.raises(RuntimeError, match="interrupted"):
         with GeoPackageWriter(out, "EPSG:32616", overwrite=True) as writer:
-            writer.write([box(X, Y, X + 2, Y + 2)] * 3, [1] * 3, ["a"] * 3, [0.1] * 3)
+            writer.write(rows([box(X, Y, X + 2, Y + 2)] * 3, [1] * 3, [0.1] * 3), ["a"] * 3)
             raise RuntimeError("interrupted")
     assert out.read_bytes() == before
     with pytest.raises(ValueError):  # the writer itself fails on its second batch
         with GeoPackageWriter(out, "EPSG:32616", overwrite=True) as writer:
-            writer.write([box(X, Y, X + 2, Y + 2)], [1], ["a"], [0.1])
-            writer.write([box(X, Y, X + 2, Y + 2)] * 2, [1], ["a"], [0.1])
+            writer.write(rows([box(X, Y, X + 2, Y + 2)], [1], [0.1]), ["a"])
+            writer.write(rows([box(X, Y, X + 2, Y + 2)] * 2, [1, 1], [0.1, 0.1]), ["a"])  # one name for two rows
     assert out.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.gpkg"]
     new = tmp_path / "new.gpkg"
     with pytest.raises(KeyboardInterrupt):
         with GeoPackageWriter(new, "EPSG:32616") as writer:
-            writer.write([box(X, Y, X + 2, Y + 2)], [1], ["a"], [0.1])
+            writer.write(rows([box(X, Y, X + 2, Y + 2)], [1], [0.1]), ["a"])
             raise KeyboardInterrupt
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.gpkg"]
 
@@ -97,7 +110,7 @@ def test_an_existing_file_needs_overwrite(tmp_path):
             pass
     assert out.read_bytes() == b"previous"
     with GeoPackageWriter(out, "EPSG:32616", overwrite=True) as writer:
-        writer.write([box(X, Y, X + 1, Y + 1)], [1], ["a"], [0.9])
+        writer.write(rows([box(X, Y, X + 1, Y + 1)], [1], [0.9]), ["a"])
     assert len(gpd.read_file(out)) == 1
 
 
@@ -132,11 +145,23 @@ def test_areas_match_the_geodesic_area_anywhere_in_a_batch():
     assert areas_m2(cells, "EPSG:4326") == pytest.approx(expected, rel=1e-6)
 
 
-def test_an_empty_geometry_has_zero_area_and_does_not_move_the_projection():
+def test_an_empty_geometry_has_zero_area():
     empty = MultiPolygon()
     square = box(X, Y, X + 100, Y + 100)
-    assert list(areas_m2([empty, square], "EPSG:32616")) == pytest.approx([0.0, 10_000], rel=0.003)
-    assert list(areas_m2([empty], "EPSG:32616")) == [0.0]
+    meter = AreaMeter("EPSG:32616", (X, Y))
+    assert list(meter.areas(np.array([empty, square]))) == pytest.approx([0.0, 10_000], rel=0.003)
+    assert list(meter.areas(np.array([empty]))) == [0.0]
+
+
+def test_the_area_projection_is_centred_on_the_scene_and_pickles_without_pyproj_objects():
+    import pickle
+
+    meter = AreaMeter("EPSG:32616", (X, Y))
+    square = box(X, Y, X + 100, Y + 100)
+    far = box(X + 30_000, Y + 30_000, X + 30_100, Y + 30_100)  # 42 km from the centre: still exact
+    before = meter.areas(np.array([square, far]))
+    copy = pickle.loads(pickle.dumps(meter))
+    assert "project" not in copy.__dict__ and list(copy.areas(np.array([square, far]))) == list(before)
 
 
 def test_each_layer_carries_a_default_qgis_style_with_a_colour_per_class(tmp_path):
@@ -146,18 +171,18 @@ def test_each_layer_carries_a_default_qgis_style_with_a_colour_per_class(tmp_pat
 
     out = tmp_path / "out.gpkg"
     with GeoPackageWriter(out, "EPSG:32616", layer="north", class_names=["building", "tree"]) as writer:
-        writer.write([box(X, Y, X + 1, Y + 1)], [1], ["building"], [0.9])
+        writer.write(rows([box(X, Y, X + 1, Y + 1)], [1], [0.9]), ["building"])
     for _ in range(2):  # a second layer; the same layer again replaces its style row, never duplicates it
         with GeoPackageWriter(out, "EPSG:32616", layer="south", keep_other_layers=True) as writer:
-            writer.write([box(X, Y, X + 1, Y + 1)] * 2, [3, 1], ["car", "building"], [0.9, 0.8])
+            writer.write(rows([box(X, Y, X + 1, Y + 1)] * 2, [3, 1], [0.9, 0.8]), ["car", "building"])
     assert [name for name, _ in pyogrio.list_layers(out)] == ["north", "south", "layer_styles"]
     with sqlite3.connect(out) as db:
-        rows = db.execute("SELECT f_table_name, f_geometry_column, useAsDefault, styleQML FROM layer_styles "
+        styles = db.execute("SELECT f_table_name, f_geometry_column, useAsDefault, styleQML FROM layer_styles "
                           "ORDER BY f_table_name").fetchall()
         registered = db.execute("SELECT data_type FROM gpkg_contents WHERE table_name = 'layer_styles'").fetchone()
     assert registered == ("attributes",)  # a user table registered as the GeoPackage standard asks
-    assert [(r[0], r[1], r[2]) for r in rows] == [("north", "geom", 1), ("south", "geom", 1)]
-    for (layer, _, _, qml), classes in zip(rows, [{"building": 1, "tree": 2}, {"building": 1, "car": 3}]):
+    assert [(r[0], r[1], r[2]) for r in styles] == [("north", "geom", 1), ("south", "geom", 1)]
+    for (layer, _, _, qml), classes in zip(styles, [{"building": 1, "tree": 2}, {"building": 1, "car": 3}]):
         root = ET.fromstring(qml.split("\n", 1)[1])
         renderer = root.find("renderer-v2")
         assert renderer.get("type") == "categorizedSymbol" and renderer.get("attr") == "class_name"

@@ -117,16 +117,13 @@ def test_one_run_per_output_and_a_killed_runs_lock_is_taken_over(tmp_path, ray_s
 
 
 def test_a_saved_tile_of_other_settings_is_never_reused(tmp_path):
-    from pipeline.execute import TileResult
-    from pipeline.instances import Instance
     from pipeline.store import TileStore
+    from pipeline.worker import TileOutput
 
     directory = tmp_path / "state"
-    tile = TileResult(3, "ok", [Instance(row=5, col=7, mask=np.ones((2, 2), bool), score=0.4, label=1,
-                                         window=(0, 0, 64, 64))])
-    TileStore(directory, "threshold 0.3").save(tile)
+    TileStore(directory, "threshold 0.3").save(TileOutput(0, 3, "nodata"))
     # A second run with other settings took over the folder's manifest while the first still wrote tiles.
     (directory / "manifest.json").write_text('{"fingerprint": "threshold 0.5"}')
     store = TileStore(directory, "threshold 0.5")
-    assert not store.stale and list(store.saved()) == []
-    assert list(directory.glob("tile-*.npz")) == []  # discarded, so it is computed again
+    assert not store.stale and list(store.saved(0)) == []
+    assert list(directory.glob("tile-*.bin")) == []  # discarded, so it is computed again

@@ -109,7 +109,7 @@ def test_sigterm_then_rerun_resumes_to_the_same_output(tmp_path, scene, ray_sess
     proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
     store = state_dir(out)
     deadline = time.time() + 120
-    while time.time() < deadline and len(list(store.glob("tile-*.npz"))) < 2 and proc.poll() is None:
+    while time.time() < deadline and len(list(store.glob("tile-*.bin"))) < 2 and proc.poll() is None:
         time.sleep(0.1)
     t_signal = time.time()
     proc.send_signal(signal.SIGTERM)
@@ -117,7 +117,7 @@ def test_sigterm_then_rerun_resumes_to_the_same_output(tmp_path, scene, ray_sess
     assert time.time() - t_signal < 15
     assert proc.returncode == 130, err
     assert "tiles saved" in err and not out.exists()
-    saved = len(list(store.glob("tile-*.npz")))
+    saved = len(list(store.glob("tile-*.bin")))
     assert saved >= 2
 
     summary = run_scene(str(scene), out, predictor=SlowOracle(0.4, str(pids)), tile=TILE, overlap=OVERLAP,
@@ -128,19 +128,28 @@ def test_sigterm_then_rerun_resumes_to_the_same_output(tmp_path, scene, ray_sess
 
 
 def test_saved_tiles_of_another_model_or_scene_are_stale(tmp_path, scene):
-    from pipeline.execute import TileResult
-    from pipeline.instances import Instance
+    from pipeline.features import Rows
+    from pipeline.instances import Instance, InstanceBlock
+    from pipeline.rect import Rect
     from pipeline.store import TileStore
+    from pipeline.worker import TileOutput
 
     directory = tmp_path / "state"
     store = TileStore(directory, "key-1")
     mask = np.array([[True, False], [True, True]])
-    store.save(TileResult(3, "ok", [Instance(row=5, col=7, mask=mask, score=0.5, label=2, window=(0, 0, 64, 64))]))
-    (saved,) = TileStore(directory, "key-1").saved()
-    assert saved.index == 3 and np.array_equal(saved.instances[0].mask, mask)
-    assert saved.instances[0].window == (0, 0, 64, 64) and saved.instances[0].label == 2
+    window = Rect(0, 0, 64, 64)
+    pending = InstanceBlock.of([Instance(row=5, col=7, mask=mask, score=0.5, label=2, window=window, position=4)])
+    final = Rows(np.array([[3, 0]]), [b"\x01wkb"], np.array([1]), np.array([0.9]), np.array([12.5]))
+    store.save(TileOutput(0, 3, "ok", final=final, pending=pending, pending_rows=Rows.empty(),
+                          dropped=np.arange(10), best_dropped=0.3))
+    (saved,) = TileStore(directory, "key-1").saved(scene=7)
+    (inst,) = saved.pending.instances(window, 3)
+    assert saved.index == 3 and saved.scene == 7 and np.array_equal(inst.mask, mask)
+    assert (inst.row, inst.col, inst.label, inst.position, inst.tile) == (5, 7, 2, 4, 3)
+    assert saved.final.wkb == [b"\x01wkb"] and list(saved.final.areas) == [12.5] and saved.best_dropped == 0.3
+    assert list(saved.dropped) == list(range(10))
     fresh = TileStore(directory, "key-2")
-    assert fresh.stale and list(fresh.saved()) == []
+    assert fresh.stale and list(fresh.saved(0)) == []
 
 
 def write_raster(path: Path, **profile) -> None:

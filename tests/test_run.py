@@ -123,4 +123,4 @@ def test_quicklook_and_report_sit_beside_the_output(tmp_path, ray_session):
     report = json.loads((tmp_path / "out.report.json").read_text())
     assert report["summary"]["merged_instances"] == summary.merged_instances == len(gpd.read_file(out))
     assert report["complete"] is True and report["scene"] == str(scene.resolve())
-    assert set(report["summary"]["seconds"]) >= {"read+predict", "merge", "polygonize+write"}
+    assert set(report["summary"]["seconds"]) >= {"plan", "tiles", "merge+write"}

@@ -1,0 +1,138 @@
+"""The Ray pool of model workers: actors that each load the model once and process batches of windows.
+
+The driver never reads a scene. It keeps at most `batches_in_flight` batches queued per actor, pulling
+batches from the job lazily, so memory is bounded by tile size x batch x in-flight work whatever the
+scenes' sizes, and a job over many scenes flows from one scene into the next without a pause. When an actor
+dies (killed process, lost node) the pool replaces it and re-submits its batches; a batch is tried
+`MAX_ATTEMPTS` times before its windows are reported as failed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from model.cluster import connect_ray
+from model.errors import UserError
+from pipeline.worker import SceneSpec, TileOutput, TileWorker
+
+MAX_ATTEMPTS = 3  # per batch; a batch failing this often is reported by window, never silently dropped
+
+Batch = tuple[dict[int, SceneSpec], list[tuple[int, int]]]  # specs by scene number, (scene, window) items
+
+
+@dataclass
+class PoolStats:
+    resubmitted_tiles: int = 0
+    replaced_workers: int = 0
+
+
+def failed(batch: Batch, reason: str) -> list[TileOutput]:
+    return [TileOutput(scene, index, "failed", error=reason) for scene, index in batch[1]]
+
+
+class RayPool:
+    """Starts (or joins) Ray and keeps a set of TileWorker actors; a context manager that cleans up."""
+
+    def __init__(self, predictor: Callable, settings: dict[str, Any]):
+        self.predictor = predictor
+        self.run = settings["run"]
+        self.started_ray = False
+        self.actors: list[Any] = []
+        self.stats = PoolStats()
+
+    def __enter__(self) -> RayPool:
+        import ray
+
+        r = self.run
+        self.started_ray = connect_ray(r["ray_address"])
+        total_cpus = float(ray.cluster_resources().get("CPU", 1.0))
+        workers = int(r["workers"])
+        threads = int(r["threads_per_worker"] or max(1, int(total_cpus // workers)))
+        # The pool replaces lost actors itself. Calls beyond the one in the model read the next batches and
+        # settle the previous one meanwhile.
+        options: dict[str, Any] = {"max_restarts": 0, "max_task_retries": 0,
+                                   "max_concurrency": int(r["batches_in_flight"]) + 1}
+        if r["device"] == "cuda":
+            gpus = float(ray.cluster_resources().get("GPU", 0.0))
+            if gpus < float(r["gpus_per_worker"]):
+                raise UserError(f"--device cuda needs {r['gpus_per_worker']} GPU per worker but the Ray cluster "
+                                f"has {gpus:g} GPUs")
+            options.update(num_gpus=float(r["gpus_per_worker"]), num_cpus=1)
+        else:
+            options.update(num_cpus=min(float(threads), total_cpus / workers))
+        self.actor_class = ray.remote(TileWorker).options(**options)
+        self.threads = threads
+        self.actors = [self.spawn() for _ in range(workers)]
+        try:  # the model loads in each actor's constructor: say so once, clearly, if it cannot
+            ray.get([actor.ready.remote() for actor in self.actors])
+        except ray.exceptions.RayError as exc:
+            self.__exit__(None, None, None)
+            cause = getattr(exc, "cause", None) or exc
+            detail = str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__
+            raise UserError(f"the Ray workers could not start the model: {detail}") from None
+        return self
+
+    def spawn(self) -> Any:
+        return self.actor_class.remote(self.predictor, self.threads)
+
+    def __exit__(self, *exc_info: Any) -> None:
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []
+        if self.started_ray:
+            ray.shutdown()
+
+    def map(self, batches: Iterator[Batch]) -> Iterator[list[TileOutput]]:
+        """Yield each batch's outputs as it completes (not in order), pulling batches only as actors have
+        room for them."""
+        import ray
+
+        retry: list[tuple[Batch, int]] = []  # (batch, attempts so far)
+        pending: dict[Any, tuple[int, Any, Batch, int]] = {}
+        load = [0] * len(self.actors)
+        limit = int(self.run["batches_in_flight"])
+
+        def submit() -> None:
+            while True:
+                slot = min(range(len(self.actors)), key=load.__getitem__)
+                if load[slot] >= limit:
+                    return
+                if retry:
+                    batch, attempts = retry.pop()
+                else:
+                    batch, attempts = next(batches, None), 0
+                    if batch is None:
+                        return
+                actor = self.actors[slot]
+                pending[actor.process.remote(*batch)] = (slot, actor, batch, attempts)
+                load[slot] += 1
+
+        submit()
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            slot, actor, batch, attempts = pending.pop(done[0])
+            load[slot] -= 1
+            try:
+                results = ray.get(done[0])
+            except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError,
+                    ray.exceptions.ObjectLostError) as exc:
+                if self.actors[slot] is actor:  # first news of this loss: replace the actor
+                    ray.kill(actor)
+                    self.actors[slot] = self.spawn()
+                    self.stats.replaced_workers += 1
+                if attempts + 1 < MAX_ATTEMPTS:
+                    self.stats.resubmitted_tiles += len(batch[1])
+                    retry.append((batch, attempts + 1))
+                    submit()
+                    continue
+                results = failed(batch, f"worker lost {MAX_ATTEMPTS} times: {type(exc).__name__}")
+            except ray.exceptions.RayTaskError as exc:  # the predictor raised: a bug or bad model, not retried
+                cause = exc.cause if getattr(exc, "cause", None) is not None else exc
+                text = str(cause).strip()
+                results = failed(batch, f"{type(cause).__name__}: {text.splitlines()[-1] if text else ''}")
+            submit()
+            yield results

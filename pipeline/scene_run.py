@@ -1,0 +1,292 @@
+"""One scene of a job, from its plan to its written output.
+
+The spine (`run.run_job`) drives many of these at once: while one scene's last tiles are in the model, the
+next scene is planned and its tiles follow; a finished scene merges what is left, closes its output and
+writes its report on the job's output thread. A `SceneRun` is touched by the job's main thread until its
+last tile is taken, and by the output thread after that.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import shapely
+from rasterio.errors import RasterioError
+
+from model.errors import UserError, first_line
+from model.files import atomic_path, check_not_input, check_writable, exclusive, lock_path
+from pipeline.features import Rows
+from pipeline.geopackage import GeoPackageWriter, read_run_metadata
+from pipeline.merge import SceneMerge, SeamRule
+from pipeline.quicklook import Quicklook
+from pipeline.raster import SceneInfo, compute_scaling, is_virtual, open_scene, resolve_bands
+from pipeline.scenes import fingerprint, scene_identity
+from pipeline.store import TileStore, state_dir
+from pipeline.summary import RunSummary
+from pipeline.worker import SCORE_BINS, SceneSpec, TileOutput, union_rows
+
+WRITE_BATCH = 5000  # rows per GeoPackage append: bounded memory for millions of instances
+OUTPUT_FORMAT = 2  # bumped when the same inputs give other rows (2: the seam rule of 2026-12)
+
+
+@dataclass(frozen=True)
+class SceneTask:
+    """What to run: a scene, where its output goes, what it is called there."""
+
+    scene: str
+    output: Path
+    layer: str
+    sidecar_base: Path  # the quicklook and the report are named after it
+    keep_other_layers: bool = False  # add a layer to the file at `output` (one file for many scenes)
+
+    @property
+    def store(self) -> Path:
+        return state_dir(self.output, self.layer if self.keep_other_layers else None)
+
+    def check(self, inputs: list[Any]) -> None:
+        """Refuse an output that cannot be written or would destroy an input, before any work."""
+        check_output(self.output)
+        for path in (self.output, sidecar(self.sidecar_base, ".quicklook.png"),
+                     sidecar(self.sidecar_base, ".report.json"), lock_path(self.output)):
+            check_not_input(path, inputs)
+        check_not_input(self.store, inputs, "saved-tiles folder")
+
+
+def check_output(output: Path) -> None:
+    if output.suffix.lower() != ".gpkg":
+        raise UserError(f"{output}: the output must be a GeoPackage (.gpkg)")
+    check_writable(output, overwrite=True)
+
+
+def sidecar(output: Path, suffix: str) -> Path:
+    """`out.gpkg` -> `out.quicklook.png`, `out.report.json`."""
+    return output.with_name(output.stem + suffix)
+
+
+def label_name(names: list[str] | None, label: int) -> str:
+    if names and 1 <= label <= len(names):
+        return names[label - 1]
+    return f"class_{label}"
+
+
+def scene_spec(scene: str, info: SceneInfo, settings: dict[str, Any]) -> SceneSpec:
+    """How workers turn this scene's windows into rows (bands, nodata, scaling, thresholds, plan, rule)."""
+    from pipeline.windows import plan_windows
+
+    r, m = settings["run"], settings["merge"]
+    bands = resolve_bands(settings["bands"], info.count, scene, info.alpha)
+    # Workers on other nodes (or in another working directory) get an absolute path.
+    return SceneSpec(scene=str(scene) if is_virtual(scene) else os.path.abspath(scene), bands=bands,
+                     nodata=settings["nodata"] if settings["nodata"] is not None else info.nodata,
+                     scaling=compute_scaling(scene, info, settings, bands), masked=info.masked,
+                     score_threshold=float(r["score_threshold"]), mask_threshold=float(r["mask_threshold"]),
+                     grid=plan_windows(info.width, info.height, settings["tile"], settings["overlap"]),
+                     rule=SeamRule(float(m["iou_threshold"]), float(m["ios_threshold"]), bool(m["class_agnostic"]),
+                                   int(m["edge_margin"])),
+                     transform=info.transform, crs=info.crs, simplify=float(r["simplify"]))
+
+
+class SceneRun:
+    def __init__(self, number: int, task: SceneTask, settings: dict[str, Any], identity: dict[str, Any],
+                 metadata: Callable[[RunSummary], dict[str, Any]], class_names: list[str] | None,
+                 previous: SceneRun | None = None):
+        self.number, self.task, self.settings = number, task, settings
+        self.identity, self.describe, self.names = identity, metadata, class_names
+        self.previous = previous  # with one file for many scenes: the scene whose layer goes in first
+        r = settings["run"]
+        self.summary = RunSummary(scene=str(task.scene), output=str(task.output), layer=task.layer,
+                                  score_threshold=float(r["score_threshold"]),
+                                  dropped_scores=[0] * SCORE_BINS)
+        self.stack = contextlib.ExitStack()
+        self.remaining: set[int] = set()
+        self.failed: dict[int, str] = {}
+        self.nodata = 0
+        self.writer: GeoPackageWriter | None = None
+        self.quicklook: Quicklook | None = None
+        self.backlog: list[Rows] = []  # rows waiting for the output to open (after `previous` is written)
+        self.finished = False
+        self.busy = 0.0  # seconds of the main thread spent on this scene's tiles
+
+    # --- main thread ---------------------------------------------------------------------------------
+    def plan(self) -> list[int] | None:
+        """Open the scene, hold its output, load saved tiles; the window indices still to compute, or None
+        when the output already holds this very result (`summary.up_to_date`)."""
+        try:
+            return self.start()
+        except BaseException:
+            self.stack.close()  # the output's lock, if it was taken
+            raise
+
+    def start(self) -> list[int] | None:
+        t = time.perf_counter()
+        task = self.task
+        self.info = open_scene(task.scene)
+        self.spec = scene_spec(task.scene, self.info, self.settings)
+        if not task.keep_other_layers:  # one run per output at a time (a many-scene file: the job holds it)
+            self.stack.enter_context(exclusive(task.output))
+        # Saved tiles hold settled polygons: everything in the spec (reading, thresholds, plan, seam rule,
+        # georeferencing, simplification) decides them.
+        key = fingerprint({"scene": scene_identity(task.scene), "predictor": self.identity, "spec": self.spec})
+        self.result_key = fingerprint({"tiles": key, "format": OUTPUT_FORMAT})
+        if reusable_output(task.output, task.layer, self.result_key, bool(self.settings["run"]["overwrite"]),
+                           task.keep_other_layers):
+            self.summary.up_to_date = True
+            self.stack.close()
+            return None
+        self.store = TileStore(task.store, key)
+        self.summary.stale_state_cleared = self.store.stale
+        self.summary.tiles = len(self.spec.grid)
+        meter = self.spec.meter
+        self.merge = SceneMerge(self.spec.grid, self.spec.rule, partial(union_rows, spec=self.spec, meter=meter))
+        self.remaining = set(range(len(self.spec.grid)))
+        for saved in self.store.saved(self.number):
+            self.take(saved, saved=True)
+            self.summary.tiles_resumed += 1
+        self.planned = self.last_tile = time.perf_counter()
+        self.summary.seconds["plan"] = self.planned - t
+        return sorted(self.remaining)
+
+    @property
+    def complete(self) -> bool:
+        return not self.remaining
+
+    def take(self, out: TileOutput, saved: bool = False) -> Rows:
+        """One finished window; returns the rows now settled in their place."""
+        t = time.perf_counter()
+        if not saved:
+            self.summary.timeline.setdefault("first_tile", time.time())
+        self.remaining.discard(out.index)
+        if out.status == "failed":
+            self.failed[out.index] = out.error or "unknown error"
+            self.merge.take(out.index, Rows.empty(), [], Rows.empty())
+        else:
+            if not saved:
+                self.store.save(out)
+            self.nodata += out.status == "nodata"
+            window = self.spec.grid[out.index]
+            self.merge.take(out.index, out.final, out.pending.instances(window, out.index), out.pending_rows)
+            self.summary.raw_instances += out.detections
+            self.summary.dropped_scores = [a + int(b) for a, b in zip(self.summary.dropped_scores, out.dropped)]
+            self.summary.best_dropped_score = max(self.summary.best_dropped_score, out.best_dropped)
+        rows = self.merge.flush()
+        self.last_tile = time.perf_counter()
+        self.busy += self.last_tile - t
+        return rows
+
+    # --- output thread ---------------------------------------------------------------------------------
+    def write(self, rows: Rows) -> None:
+        """Stream rows into the output, WRITE_BATCH at a time: each append opens and closes the GeoPackage,
+        which costs milliseconds whatever the batch holds (held back until the previous scene of the same
+        file is written)."""
+        self.backlog.append(rows)
+        if sum(len(r) for r in self.backlog) >= WRITE_BATCH:
+            self.write_backlog()
+
+    def write_backlog(self) -> None:
+        if self.writer is None and self.previous is not None and not self.previous.finished:
+            return
+        if self.writer is None:
+            self.open_output()
+        rows = Rows.concat(self.backlog)
+        self.backlog = []
+        for start in range(0, len(rows), WRITE_BATCH):
+            batch = rows.take(np.arange(start, min(start + WRITE_BATCH, len(rows))))
+            self.writer.write(batch, [label_name(self.names, c) for c in batch.class_ids.tolist()])
+            if self.quicklook is not None:
+                self.quicklook.draw(shapely.from_wkb(batch.wkb), batch.class_ids.tolist())
+
+    def open_output(self) -> None:
+        task = self.task
+        self.writer = self.stack.enter_context(GeoPackageWriter(
+            task.output, self.info.crs, layer=task.layer, overwrite=True, class_names=self.names,
+            keep_other_layers=task.keep_other_layers))
+        if self.settings["run"]["quicklook"]:
+            try:
+                self.quicklook = Quicklook(task.scene, self.info, self.spec.bands, self.spec.scaling)
+            except RasterioError as exc:  # a missing picture must not cost the user the polygons
+                self.summary.warnings.append(f"no quicklook: the scene overview could not be read "
+                                             f"({first_line(exc)})")
+
+    def finish(self) -> RunSummary:
+        """Merge what is left, close the output (it appears now), write the sidecars, clean up."""
+        t = time.perf_counter()
+        summary = self.summary
+        summary.seconds["tiles"] = self.last_tile - self.planned
+        self.backlog.append(self.merge.flush(last=True))
+        self.write_backlog()
+        summary.merged_instances = self.merge.objects
+        summary.tiles_nodata = self.nodata
+        grid = self.spec.grid
+        summary.failed = [{"window": [grid[i].col0, grid[i].row0, grid[i].width, grid[i].height], "error": e}
+                          for i, e in sorted(self.failed.items())]
+        if summary.merged_instances == 0 and summary.raw_instances == 0:
+            best = summary.best_dropped_score
+            summary.warnings.append(
+                f"no object kept: the model scored nothing at or above the score threshold "
+                f"{summary.score_threshold:g}" + (f" (highest score seen {best:.3f}; lower --score-threshold to "
+                                                  "keep weaker detections)" if best >= 0 else " (no detection at all)"))
+        summary.seconds["driver on tiles"] = self.busy
+        metadata = {**self.describe(summary), "result_fingerprint": self.result_key}
+        self.writer.set_metadata(metadata)
+        summary.seconds["merge+write"] = time.perf_counter() - t
+        self.stack.close()  # the output appears; the lock is released after it
+        summary.timeline["written"] = time.time()
+        if self.quicklook is not None:
+            self.quicklook.save(sidecar(self.task.sidecar_base, ".quicklook.png"))
+        write_report(sidecar(self.task.sidecar_base, ".report.json"), summary, metadata)
+        if summary.complete:
+            self.store.remove()
+        self.finished = True
+        return summary
+
+    def abort(self) -> None:
+        """Stop without an output: the temporary file goes, saved tiles and the input stay."""
+        self.stack.__exit__(KeyboardInterrupt, KeyboardInterrupt(), None)
+
+
+def write_report(path: Path, summary: RunSummary, metadata: dict[str, Any]) -> None:
+    """The run report (JSON): what produced the output, the counts and the timings."""
+    report = {**metadata, "summary": dataclasses.asdict(summary)}
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(report, indent=2, default=str))
+
+
+def reusable_output(output: Path, layer: str, result_key: str, overwrite: bool, keep_other_layers: bool) -> bool:
+    """True when `output` already holds this result, complete; raises when it holds something else that
+    may not be replaced. An incomplete result of the same run is ours to redo."""
+    if not output.exists():
+        return False
+    previous = read_run_metadata(output, layer) or {}
+    same = previous.get("result_fingerprint") == result_key
+    if same and previous.get("complete") and not (overwrite and not keep_other_layers):
+        return True
+    if not (same or overwrite or keep_other_layers):
+        raise UserError(f"{output}: file exists (use --overwrite to replace it)")
+    return False
+
+
+def run_metadata(predictor_identity: dict[str, Any], checkpoint: str | None, model_config: Any,
+                 settings: dict[str, Any], summary: RunSummary) -> dict[str, Any]:
+    """What produced this output: stored in the GeoPackage and in the run report."""
+    return {
+        "scene": summary.scene if is_virtual(summary.scene) else os.path.abspath(summary.scene),
+        "checkpoint": checkpoint,
+        "predictor": predictor_identity,
+        "model_config": model_config,
+        "pipeline_config": settings,
+        "tiles": summary.tiles,
+        "failed_windows": summary.failed,
+        "complete": summary.complete,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }

@@ -1,0 +1,117 @@
+"""Is the model the only limit? `run` over several scenes in one job with a stand-in for a GPU model: a fixed
+time per tile (sleeping, as a GPU forward takes wall time but no host CPU) and realistic dense output (about
+46 building-sized objects per 512 px tile, many across seams).
+
+Prints, for each time per tile and worker count: tiles/s, efficiency against the ideal (tiles x time per tile
+/ workers: what the model alone would take), the driver's CPU ms per tile, the workers' host CPU ms per tile
+(the pipeline's share, the stand-in's own CPU apart) and Ray's daemons' CPU ms per tile.
+
+    python -m tests.benchmarks.bench_gpu_sim [--scenes 3] [--size 3072] [--seconds 0.05 0.1] [--workers 1 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+from tests.benchmarks.common import machine, publish
+from tests.benchmarks.standin import StandIn, object_scene
+
+
+def ray_processes() -> dict[str, list[psutil.Process]]:
+    """This driver's Ray processes: model workers (`ray::...` actors) and Ray's own daemons."""
+    found: dict[str, list[psutil.Process]] = {"workers": [], "daemons": []}
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            title = " ".join(proc.cmdline())
+        except psutil.Error:
+            continue
+        found["workers" if title.startswith("ray::") and "IDLE" not in title else "daemons"].append(proc)
+    return found
+
+
+def cpu_seconds(procs: list[psutil.Process]) -> dict[int, float]:
+    seconds = {}
+    for proc in procs:
+        try:
+            t = proc.cpu_times()
+            seconds[proc.pid] = t.user + t.system
+        except psutil.Error:
+            pass
+    return seconds
+
+
+def standin_cpu(log_dir: Path) -> float:
+    return sum(float(line.split()[0]) for path in log_dir.glob("*.cpu") for line in path.read_text().splitlines())
+
+
+def one_job(scenes: list[str], layouts, seconds: float, workers: int, args, workdir: Path) -> str:
+    import ray
+
+    from pipeline.batch import run_scenes
+    from pipeline.pool import RayPool
+    from pipeline.settings import load_settings, settings_overrides
+
+    log_dir = Path(tempfile.mkdtemp(dir=workdir))
+    out_dir = Path(tempfile.mkdtemp(dir=workdir))
+    options = {"tile": 512, "overlap": 64, "batch_size": args.batch_size, "workers": workers,
+               "threads_per_worker": 1}
+    predictor = StandIn(seconds, args.output == "compact", str(log_dir), layouts)
+    with RayPool(predictor, load_settings(None, settings_overrides(options))) as pool:
+        before = {kind: cpu_seconds(procs) for kind, procs in ray_processes().items()}
+        t, cpu = time.perf_counter(), time.process_time()
+        summaries = list(run_scenes(scenes, predictor, pool, out_dir=out_dir, progress=False, **options))
+        wall, driver = time.perf_counter() - t, time.process_time() - cpu
+        after = {kind: cpu_seconds(procs) for kind, procs in ray_processes().items()}
+    used = {kind: sum(v - before[kind].get(pid, 0.0) for pid, v in after[kind].items()) for kind in after}
+    tiles = sum(s.tiles for s in summaries)
+    objects = sum(s.merged_instances for s in summaries)
+    ideal = tiles * seconds / workers
+    standin = standin_cpu(log_dir)
+    shutil.rmtree(out_dir), shutil.rmtree(log_dir)
+    return (f"{seconds * 1000:.0f} ms/tile, {workers} worker(s): {tiles} tiles, {objects} objects in {wall:.1f} s: "
+            f"{tiles / wall:.1f} tiles/s (ideal {tiles / ideal:.1f}), "
+            f"efficiency {ideal / wall:.2f}; CPU ms per tile: driver {driver / tiles * 1000:.1f}, "
+            f"workers {(used['workers'] - standin) / tiles * 1000:.1f} (+ stand-in {standin / tiles * 1000:.1f}), "
+            f"Ray daemons {used['daemons'] / tiles * 1000:.1f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scenes", type=int, default=3)
+    parser.add_argument("--size", type=int, default=3072)
+    parser.add_argument("--seconds", type=float, nargs="+", default=[0.05, 0.1], help="model time per tile")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--output", choices=["compact", "dense"], default="compact",
+                        help="the stand-in's output: compact (cropped masks) or torchvision's dense format")
+    parser.add_argument("--workdir", default="/tmp/aerial-bench-gpu-sim")
+    parser.add_argument("--no-publish", action="store_true")
+    args = parser.parse_args()
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    layouts = [(args.size, seed, 1 + seed * (args.size // 75 + 1) ** 2) for seed in range(args.scenes)]
+    scenes = [str(object_scene(workdir / f"objects_{args.size}_{seed}.tif", size, seed, first))
+              for size, seed, first in layouts]
+    load = os.getloadavg()
+    lines = [f"{args.scenes} scenes of {args.size}^2 px in one job, tile 512, overlap 64, batch {args.batch_size}, "
+             f"1 thread per worker, stand-in output {args.output}; load average before: {load[0]:.2f}"]
+    for seconds in args.seconds:
+        for workers in args.workers:
+            lines.append(one_job(scenes, layouts, seconds, workers, args, workdir))
+            print(lines[-1], flush=True)
+    lines.append(f"load average after: {os.getloadavg()[0]:.2f}")
+    if args.no_publish:
+        print("\n".join(lines))
+    else:
+        publish("GPU-speed simulation", "python -m tests.benchmarks.bench_gpu_sim", lines)
+
+
+if __name__ == "__main__":
+    main()
