@@ -3,9 +3,10 @@
 Each Ray Train worker is one torch.distributed process (gloo on CPU, nccl on GPU) running the loop of
 single-process training (`model.train.run_loop`) around a DistributedDataParallel model: it reads the
 rank-th slice of every global batch, DDP averages the gradients in backward, and rank 0 writes the losses
-CSV (the means over the workers) and the checkpoint: the plain model's weights, the file single-process
-training writes. The driver shows rank 0's progress; Ctrl-C asks rank 0 to stop, every rank stops after the
-same iteration and the run ends with a checkpoint there, as in single-process training.
+CSV (the means over the workers) and the checkpoint: the plain model's weights and, beside them, the training
+state, the files single-process training writes (`model.checkpoint.save_training`). The driver shows rank 0's
+progress; Ctrl-C asks rank 0 to stop, every rank stops after the same iteration and the run ends with a
+checkpoint there, as in single-process training.
 """
 
 from __future__ import annotations
