@@ -21,7 +21,8 @@ DEFAULTS: dict[str, Any] = {
     "model": {
         "backbone": {
             "name": "swin_t",
-            "weights": None,  # local path, or a file name looked up in the torch hub cache
+            "weights": None,  # imagenet (torchvision's, see model/backbones.py), a local path, or a file name in
+                              # the torch hub cache; None: random init
             "drop_path_rate": 0.2,  # Swin stochastic depth (ignored by ResNet)
             "trainable_stages": 4,  # the last N of the four stages train; the stem trains only when N == 4
         },

@@ -212,3 +212,18 @@ def test_weights_are_found_before_the_workers_change_directory(tmp_path, monkeyp
     (tmp_path / "swin.pth").unlink()
     with pytest.raises(UserError, match="not found"):
         absolute_weights(config)
+
+
+def test_imagenet_weights_are_fetched_by_the_driver_and_stay_imagenet_for_the_workers(tmp_path, monkeypatch):
+    """Each worker finds `imagenet` in its own node's hub cache; the driver makes sure this machine has it (or
+    refuses in one line) before any worker starts."""
+    def no_network(url, dst, *args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    config = load_config("configs/swin_t.yaml", {"model": {"backbone": {"weights": "imagenet"}}})
+    with pytest.raises(UserError, match=f"swin_t-704ceda3.pth is not in {tmp_path / 'hub' / 'checkpoints'}"):
+        absolute_weights(config)
+    (tmp_path / "hub" / "checkpoints" / "swin_t-704ceda3.pth").write_bytes(b"")
+    assert absolute_weights(config)["model"]["backbone"]["weights"] == "imagenet"
