@@ -20,7 +20,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from model.config import DEFAULTS, merge, validate
+from model.config import DEFAULTS, merge, validate_model
 from model.errors import UserError, first_line
 from model.files import atomic_path
 
@@ -226,8 +226,11 @@ def load_checkpoint(path: str | Path, config: dict[str, Any] | None = None) -> t
     from model.builder import build_model
 
     payload = read_checkpoint(path)
-    saved_config = merge(DEFAULTS, payload["config"])
-    validate(saved_config)
+    try:  # only what builds the network: a checkpoint must not be refused for its training settings
+        saved_config = merge(DEFAULTS, payload["config"])
+        validate_model(saved_config)
+    except UserError as exc:
+        raise UserError(f"{path}: checkpoint config: {exc}") from None
     if config is not None:
         check_compatible(payload, config, path)
     # Never reload ImageNet weights: the checkpoint already holds trained ones.
