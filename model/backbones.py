@@ -13,12 +13,13 @@ from typing import Any
 
 import torch
 from torch import nn
-from torchvision.models import SwinTransformer, resnet50
+from torchvision.models import (ResNet50_Weights, Swin_B_Weights, Swin_S_Weights, Swin_T_Weights, SwinTransformer,
+                                resnet50)
 from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
 
-from model.errors import UserError
+from model.errors import UserError, first_line
 
 # torchvision's swin_t/s/b architectures (their factories fix stochastic depth, so build them directly).
 SWIN_ARCHS = {
@@ -26,6 +27,10 @@ SWIN_ARCHS = {
     "swin_s": {"embed_dim": 96, "depths": [2, 2, 18, 2], "num_heads": [3, 6, 12, 24]},
     "swin_b": {"embed_dim": 128, "depths": [2, 2, 18, 2], "num_heads": [4, 8, 16, 32]},
 }
+# `model.backbone.weights: imagenet`: torchvision's ImageNet-1k classifier weights of each backbone.
+IMAGENET = "imagenet"
+IMAGENET_WEIGHTS = {"swin_t": Swin_T_Weights.IMAGENET1K_V1, "swin_s": Swin_S_Weights.IMAGENET1K_V1,
+                    "swin_b": Swin_B_Weights.IMAGENET1K_V1, "resnet50": ResNet50_Weights.IMAGENET1K_V1}
 # Indices in torchvision's SwinTransformer.features of the four stages (between them: PatchMerging).
 SWIN_STAGE_INDICES = (1, 3, 5, 7)
 
@@ -71,8 +76,37 @@ class FpnBackbone(nn.Module):
         return OrderedDict((name, f.float()) for name, f in features.items())
 
 
-def resolve_weights_path(spec: str) -> Path:
-    """A local path, or a bare file name in the torch hub cache; never a download."""
+def imagenet_file(backbone: str) -> str:
+    """The file name torchvision downloads the backbone's ImageNet weights to (the end of the enum's URL)."""
+    return IMAGENET_WEIGHTS[backbone].url.rsplit("/", 1)[-1]
+
+
+def imagenet_weights_path(backbone: str) -> Path:
+    """torchvision's ImageNet weights of `backbone` in the torch hub cache (`torch.hub.get_dir()/checkpoints`),
+    fetched there first when missing, as torchvision's own builders do (with its hash check). Offline, one
+    line names the file and the folder to put it in, for a machine that cannot download."""
+    url = IMAGENET_WEIGHTS[backbone].url
+    name = imagenet_file(backbone)
+    folder = Path(torch.hub.get_dir()) / "checkpoints"
+    path = folder / name
+    if not path.is_file():
+        digest = torch.hub.HASH_REGEX.search(name)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            # Downloads to a temporary file beside `path` and renames it when complete and hash-checked.
+            torch.hub.download_url_to_file(url, str(path), digest.group(1) if digest else None, progress=True)
+        except Exception as exc:  # offline, a proxy, a full disk, a hash mismatch
+            raise UserError(f"ImageNet weights for {backbone}: {name} is not in {folder} and could not be "
+                            f"downloaded from {url} ({first_line(exc)}); put the file in that folder, or set "
+                            "model.backbone.weights to its path") from None
+    return path
+
+
+def resolve_weights_path(spec: str, backbone: str) -> Path:
+    """`imagenet` (torchvision's weights for `backbone`, see `imagenet_weights_path`), a local path, or a bare
+    file name in the torch hub cache; only `imagenet` may download."""
+    if spec == IMAGENET:
+        return imagenet_weights_path(backbone)
     candidates = [Path(spec).expanduser()]
     if not Path(spec).is_absolute() and Path(spec).name == spec:
         candidates.append(Path(torch.hub.get_dir()) / "checkpoints" / spec)
@@ -83,13 +117,12 @@ def resolve_weights_path(spec: str) -> Path:
     raise UserError(f"pretrained backbone weights '{spec}' not found (looked at: {looked}); no download is attempted")
 
 
-def load_classifier_weights(network: nn.Module, spec: str, drop_prefixes: tuple[str, ...]) -> None:
+def load_classifier_weights(network: nn.Module, path: Path, drop_prefixes: tuple[str, ...]) -> None:
     """Load an ImageNet classifier state dict into `network`, strictly, minus its classification head."""
-    path = resolve_weights_path(spec)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated file, pickle with code, not a torch file...
-        raise UserError(f"{path}: cannot load pretrained weights ({type(exc).__name__}: {exc})".splitlines()[0]) from None
+        raise UserError(f"{path}: cannot load pretrained weights ({type(exc).__name__}: {first_line(exc)})") from None
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
     if not isinstance(state, dict):
@@ -120,7 +153,7 @@ def swin_body(name: str, weights: str | None, drop_path_rate: float, trainable_s
         patch_size=[4, 4], window_size=[7, 7], stochastic_depth_prob=drop_path_rate, **SWIN_ARCHS[name]
     )
     if weights and load_weights:
-        load_classifier_weights(swin, weights, drop_prefixes=("head.", "norm."))
+        load_classifier_weights(swin, resolve_weights_path(weights, name), drop_prefixes=("head.", "norm."))
     body = SwinStages(swin)
     # features[0] is the patch embedding (the "stem"); stage k sits at SWIN_STAGE_INDICES[k] with its
     # PatchMerging just before it, so freezing stage k freezes features[: index + 1].
@@ -136,7 +169,7 @@ def resnet_body(weights: str | None, trainable_stages: int, load_weights: bool) 
     norm = FrozenBatchNorm2d if weights else nn.BatchNorm2d
     net = resnet50(weights=None, norm_layer=norm)
     if weights and load_weights:
-        load_classifier_weights(net, weights, drop_prefixes=("fc.",))
+        load_classifier_weights(net, resolve_weights_path(weights, "resnet50"), drop_prefixes=("fc.",))
     trainable = ["layer4", "layer3", "layer2", "layer1"][:trainable_stages]
     if trainable_stages == 4:
         trainable += ["conv1", "bn1"]  # the stem

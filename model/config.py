@@ -1,12 +1,17 @@
 """Model/training configuration: YAML files in `configs/` merged over these defaults.
 
 Configs are plain nested dicts (so a checkpoint stores them and loads with `weights_only=True`). Unknown keys
-are refused, because a misspelt key silently falling back to a default is the worst kind of config bug.
+are refused, because a misspelt key silently falling back to a default is the worst kind of config bug; and
+so is every value of the wrong type (`MODEL_RULES`, `TRAINING_RULES`), which would otherwise fail as a
+TypeError deep inside torchvision, hours into a run.
 """
 
 from __future__ import annotations
 
 import copy
+import re
+import reprlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +26,8 @@ DEFAULTS: dict[str, Any] = {
     "model": {
         "backbone": {
             "name": "swin_t",
-            "weights": None,  # local path, or a file name looked up in the torch hub cache
+            "weights": None,  # imagenet (torchvision's, see model/backbones.py), a local path, or a file name in
+                              # the torch hub cache; None: random init
             "drop_path_rate": 0.2,  # Swin stochastic depth (ignored by ResNet)
             "trainable_stages": 4,  # the last N of the four stages train; the stem trains only when N == 4
         },
@@ -65,18 +71,40 @@ DEFAULTS: dict[str, Any] = {
 
 
 def merge(base: dict[str, Any], update: dict[str, Any], where: str = "") -> dict[str, Any]:
-    """Deep-merge `update` over a copy of `base`, refusing keys `base` does not have."""
+    """Deep-merge `update` over a copy of `base`, refusing keys `base` does not have. A section left empty
+    (`model:` with every key commented out) keeps its defaults."""
     out = copy.deepcopy(base)
     for key, value in (update or {}).items():
         path = f"{where}.{key}" if where else key
         if key not in base:
             known = ", ".join(sorted(base))
             raise UserError(f"unknown config key '{path}' (known here: {known})")
-        if isinstance(base[key], dict) and isinstance(value, dict):
+        if isinstance(base[key], dict):
+            if value is not None and not isinstance(value, dict):
+                raise UserError(f"'{path}' must be a mapping of settings ({', '.join(base[key])}), "
+                                f"got {reprlib.repr(value)}")
             out[key] = merge(base[key], value, path)
         else:
             out[key] = copy.deepcopy(value)
     return out
+
+
+class _AliasFound(yaml.YAMLError):
+    def __init__(self, mark: yaml.Mark):
+        super().__init__()
+        self.mark = mark
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses anchors and aliases as it meets them, before composing anything: a few
+    hundred bytes of nested aliases ("billion laughs") stand for billions of values, which whatever walks
+    the result (a deep copy, a JSON dump) expands; a config file has no need for them."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if getattr(event, "anchor", None) is not None:  # an anchor (&name) or an alias (*name)
+            raise _AliasFound(event.start_mark)
+        return super().compose_node(parent, index)
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -85,7 +113,12 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=_NoAliasLoader)  # noqa: S506 (a SafeLoader)
+    except _AliasFound as exc:
+        raise UserError(f"{path}: line {exc.mark.line + 1}: YAML anchors and aliases (&name, *name, <<: *name) "
+                        "are not accepted in config files; write the values out") from None
+    except RecursionError:
+        raise UserError(f"{path}: not valid YAML (nested too deeply)") from None
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if data is None:
@@ -108,37 +141,116 @@ def layered(defaults: dict[str, Any], path: str | Path | None, overrides: dict[s
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The model config: defaults <- YAML file <- overrides, then validated."""
+    """The model config: defaults <- YAML file <- overrides, then validated (errors name the file)."""
     config = layered(DEFAULTS, path, overrides)
-    validate(config)
+    try:
+        validate(config)
+    except UserError as exc:
+        if path is None:
+            raise
+        raise UserError(f"{path}: {exc}") from None
     return config
 
 
-def validate(config: dict[str, Any]) -> None:
-    """Refuse configs that would only fail later, deep inside torchvision."""
-    backbone = config["model"]["backbone"]
-    if backbone["name"] not in BACKBONES:
-        raise UserError(f"model.backbone.name '{backbone['name']}' is not one of {', '.join(BACKBONES)}")
-    if not 0 <= int(backbone["trainable_stages"]) <= 4:
-        raise UserError("model.backbone.trainable_stages must be between 0 and 4")
-    if not 0.0 <= float(backbone["drop_path_rate"]) < 1.0:
-        raise UserError("model.backbone.drop_path_rate must be in [0, 1)")
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _integer(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _numbers(v: Any, count: int | None = None, check: Callable[[Any], bool] = _number) -> bool:
+    return isinstance(v, list) and bool(v) and (count is None or len(v) == count) and all(check(x) for x in v)
+
+
+Rule = tuple[Callable[[Any], bool], str]  # (accepts the value, what it must be)
+POSITIVE_INT: Rule = (lambda v: _integer(v) and v >= 1, "an integer >= 1")
+OPTIONAL_SIZE: Rule = (lambda v: v is None or (_integer(v) and v >= 1), "null or an integer >= 1 (pixels)")
+FRACTION: Rule = (lambda v: _number(v) and 0 <= v <= 1, "a number in [0, 1]")
+
+# Everything that shapes the network: checked for training and for every checkpoint that is loaded.
+MODEL_RULES: dict[str, Rule] = {
+    "classes": (lambda v: v is None or (isinstance(v, list) and bool(v) and all(isinstance(c, str) and c for c in v)),
+                "null or a non-empty list of class names"),
+    "model.backbone.name": (lambda v: isinstance(v, str) and v in BACKBONES, f"one of {', '.join(BACKBONES)}"),
+    "model.backbone.weights": (lambda v: v is None or (isinstance(v, str) and bool(v)),
+                               "null, imagenet, or the path of a weights file"),
+    "model.backbone.drop_path_rate": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "model.backbone.trainable_stages": (lambda v: _integer(v) and 0 <= v <= 4, "an integer from 0 to 4"),
+    "model.fpn_channels": POSITIVE_INT,
+    "model.anchor_sizes": (lambda v: isinstance(v, list) and bool(v) and all(
+        _numbers(level, check=lambda s: _integer(s) and s >= 1) for level in v),
+        "a list of one list of positive anchor sizes (pixels) per FPN map"),
+    "model.aspect_ratios": (lambda v: _numbers(v, check=lambda r: _number(r) and r > 0),
+                            "a non-empty list of numbers > 0"),
+    "model.min_size": OPTIONAL_SIZE,
+    "model.max_size": OPTIONAL_SIZE,
+    "model.image_mean": (lambda v: _numbers(v, 3), "a list of 3 numbers (one per channel)"),
+    "model.image_std": (lambda v: _numbers(v, 3, lambda x: _number(x) and x > 0),
+                        "a list of 3 numbers > 0 (one per channel)"),
+    "model.rpn_pre_nms_top_n_train": POSITIVE_INT,
+    "model.rpn_post_nms_top_n_train": POSITIVE_INT,
+    "model.rpn_pre_nms_top_n_test": POSITIVE_INT,
+    "model.rpn_post_nms_top_n_test": POSITIVE_INT,
+    "model.box_batch_size_per_image": POSITIVE_INT,
+    "model.box_score_thresh": FRACTION,
+    "model.box_nms_thresh": FRACTION,
+    "model.box_detections_per_img": POSITIVE_INT,
+    "model.amp": (lambda v: isinstance(v, bool), "true or false"),
+}
+# Only training reads these.
+TRAINING_RULES: dict[str, Rule] = {
+    "optimizer.name": (lambda v: v in ("adamw", "sgd"), "one of adamw, sgd"),
+    "optimizer.lr": (lambda v: _number(v) and v > 0, "a number > 0"),
+    "optimizer.weight_decay": (lambda v: _number(v) and v >= 0, "a number >= 0"),
+    "optimizer.momentum": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "schedule.warmup_iters": (lambda v: _integer(v) and v >= 0, "an integer >= 0"),
+    "schedule.warmup_factor": (lambda v: _number(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "schedule.milestones": (lambda v: isinstance(v, list) and all(_number(f) and 0 < f < 1 for f in v)
+                            and sorted(v) == v, "a list of increasing fractions of the run in (0, 1)"),
+    "schedule.gamma": (lambda v: _number(v) and v > 0, "a number > 0"),
+    "train.batch_size": (POSITIVE_INT[0], "an integer >= 1 (the batch optimizer.lr is meant for)"),
+    "train.clip_grad_norm": (lambda v: v is None or (_number(v) and v >= 0), "null or a number >= 0 (0: no clipping)"),
+    "train.num_workers": (lambda v: _integer(v) and v >= 0, "an integer >= 0"),
+}
+
+
+def check_rules(config: dict[str, Any], rules: dict[str, Rule]) -> None:
+    for key, (accepts, wanted) in rules.items():
+        value: Any = config
+        for part in key.split("."):
+            value = value[part]
+        if not accepts(value):
+            raise UserError(f"'{key}' must be {wanted}, got {reprlib.repr(value)}{_text_number_hint(value)}")
+
+
+def _text_number_hint(value: Any) -> str:
+    """YAML 1.1 reads 1e-4 (no dot) as text, a trap for anyone writing a learning rate."""
+    if not isinstance(value, str):
+        return ""
+    try:
+        float(value)
+    except ValueError:
+        return ""
+    dotted = re.sub(r"^([-+]?\d+)([eE])", r"\1.0\2", value.strip())
+    if dotted != value.strip():
+        return f" (text: YAML reads {value} as a string; write {dotted})"
+    return " (text: write the number without quotes)"
+
+
+def validate_model(config: dict[str, Any]) -> None:
+    """Refuse a network description that would only fail later, deep inside torchvision."""
+    check_rules(config, MODEL_RULES)
     m = config["model"]
     if (m["min_size"] is None) != (m["max_size"] is None):
         raise UserError("model.min_size and model.max_size must both be set or both be null")
     classes = config["classes"]
-    if classes is not None:
-        if not classes or not all(isinstance(c, str) and c for c in classes):
-            raise UserError("classes must be a non-empty list of names")
-        if len(set(classes)) != len(classes):
-            raise UserError(f"classes has duplicate names: {classes}")
-    if config["optimizer"]["name"] not in ("adamw", "sgd"):
-        raise UserError(f"optimizer.name '{config['optimizer']['name']}' is not one of adamw, sgd")
-    if float(config["optimizer"]["lr"]) <= 0:
-        raise UserError("optimizer.lr must be positive")
-    if int(config["train"]["batch_size"]) < 1:
-        raise UserError("train.batch_size must be at least 1 (the batch optimizer.lr is meant for)")
-    if sorted(config["schedule"]["milestones"]) != list(config["schedule"]["milestones"]) or not all(
-        0 < float(f) < 1 for f in config["schedule"]["milestones"]
-    ):
-        raise UserError("schedule.milestones must be increasing fractions of the run in (0, 1)")
+    if classes is not None and len(set(classes)) != len(classes):
+        raise UserError(f"classes has duplicate names: {classes}")
+
+
+def validate(config: dict[str, Any]) -> None:
+    """Refuse configs that would only fail later: every setting's type and range, the model's and training's."""
+    validate_model(config)
+    check_rules(config, TRAINING_RULES)

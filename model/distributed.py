@@ -3,9 +3,10 @@
 Each Ray Train worker is one torch.distributed process (gloo on CPU, nccl on GPU) running the loop of
 single-process training (`model.train.run_loop`) around a DistributedDataParallel model: it reads the
 rank-th slice of every global batch, DDP averages the gradients in backward, and rank 0 writes the losses
-CSV (the means over the workers) and the checkpoint: the plain model's weights, the file single-process
-training writes. The driver shows rank 0's progress; Ctrl-C asks rank 0 to stop, every rank stops after the
-same iteration and the run ends with a checkpoint there, as in single-process training.
+CSV (the means over the workers) and the checkpoint: the plain model's weights and, beside them, the training
+state, the files single-process training writes (`model.checkpoint.save_training`). The driver shows rank 0's
+progress; Ctrl-C asks rank 0 to stop, every rank stops after the same iteration and the run ends with a
+checkpoint there, as in single-process training.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from model.backbones import resolve_weights_path
+from model.backbones import IMAGENET, resolve_weights_path
 from model.config import merge
 from model.errors import UserError, first_line
 from model.cluster import connect_ray
@@ -48,11 +49,16 @@ def check_worker_options(workers: WorkerOptions, device: str) -> None:
 
 
 def absolute_weights(config: dict[str, Any]) -> dict[str, Any]:
-    """Workers run in a directory of Ray's: find ImageNet weights here, by absolute path (or refuse now)."""
-    weights = config["model"]["backbone"]["weights"]
-    if not weights:
+    """Workers run in a directory of Ray's: find ImageNet weights here, by absolute path (or refuse now).
+    `imagenet` stays as it is, once its file is in this machine's torch hub cache: each worker finds it in
+    its own node's cache (fetching it there if needed)."""
+    backbone = config["model"]["backbone"]
+    if not backbone["weights"]:
         return config
-    return merge(config, {"model": {"backbone": {"weights": str(resolve_weights_path(weights).resolve())}}})
+    path = resolve_weights_path(backbone["weights"], backbone["name"])
+    if backbone["weights"] == IMAGENET:
+        return config
+    return merge(config, {"model": {"backbone": {"weights": str(path.resolve())}}})
 
 
 def worker_resources(workers: WorkerOptions, device: str) -> dict[str, float]:

@@ -28,7 +28,8 @@ from tqdm import tqdm
 
 from model.augment import aerial_augmentations
 from model.builder import build_model
-from model.checkpoint import check_compatible, read_checkpoint, save_checkpoint
+from model.checkpoint import (check_compatible, read_checkpoint, read_checkpoint_header, read_train_state, save_training,
+                              train_state_path)
 from model.dataset import CocoTiles, collate
 from model.errors import UserError
 from model.evaluate import evaluate_model
@@ -159,7 +160,8 @@ def plan_training(config: dict[str, Any], options: TrainOptions, workers: int = 
 
 
 def resume_point(config: dict[str, Any], options: TrainOptions, total: int, global_batch: int) -> int:
-    """0 for a fresh run; for --resume, the checkpoint's iteration, once sure it continues this very run.
+    """0 for a fresh run; for --resume, the iteration of the training state beside the weights at --out, once
+    sure it belongs to them and continues this very run.
 
     The global batch (workers x batch size) must match, the worker count need not: 2 x 1 continues 1 x 2.
     """
@@ -167,9 +169,8 @@ def resume_point(config: dict[str, Any], options: TrainOptions, total: int, glob
         return 0
     if not options.out.exists():
         raise UserError(f"{options.out}: nothing to resume (no checkpoint there yet)")
-    payload = read_checkpoint(options.out)
-    check_compatible(payload, config, options.out)
-    state = payload.get("training_state") or {}
+    check_compatible(read_checkpoint_header(options.out), config, options.out)
+    state = read_train_state(options.out)
     saved_batch = state.get("global_batch", state.get("batch_size"))
     if (state.get("total_iters"), state.get("seed"), saved_batch) != (total, options.seed, global_batch):
         raise UserError(f"{options.out}: checkpoint was trained for {state.get('total_iters')} iterations with seed "
@@ -187,9 +188,8 @@ def build_session(plan: Plan, options: TrainOptions, device: torch.device) -> Se
     scheduler = build_scheduler(optimizer, config, plan.total)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and bool(config["model"]["amp"]))
     if options.resume:
-        payload = read_checkpoint(options.out)
-        state = payload["training_state"]
-        model.load_state_dict(payload["model"])
+        state = read_train_state(options.out)
+        model.load_state_dict(read_checkpoint(options.out)["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if "scaler" in state and scaler.is_enabled():
@@ -198,7 +198,7 @@ def build_session(plan: Plan, options: TrainOptions, device: torch.device) -> Se
 
 
 def training_state(session: Session, plan: Plan, seed: int, iteration: int) -> dict[str, Any]:
-    """Everything --resume needs besides the weights."""
+    """Everything --resume needs besides the weights: the content of OUT.train-state.pt."""
     state = {"iteration": iteration, "total_iters": plan.total, "seed": seed, "batch_size": plan.batch_size,
              "workers": plan.workers, "global_batch": plan.global_batch,
              "optimizer": session.optimizer.state_dict(), "scheduler": session.scheduler.state_dict()}
@@ -295,7 +295,8 @@ def run_loop(session: Session, plan: Plan, options: TrainOptions, *, forward: nn
              report: Callable[[dict[str, Any]], bool] = lambda row: False) -> dict[str, Any]:
     """Train from plan.start to plan.total; returns the summary (iterations, losses, timings, val AP).
 
-    Rank 0 logs the losses and writes the checkpoints (each epoch, at the end, on KeyboardInterrupt).
+    Rank 0 logs the losses and writes the checkpoint, weights and training state (each epoch, at the end, on
+    KeyboardInterrupt).
     `mean` averages a tensor over the processes; each row holds those means. `report` shows rank 0's row
     and may ask to stop: the request travels with the next iteration's mean, so every rank stops after the
     same iteration, and the run ends with a checkpoint there.
@@ -310,8 +311,8 @@ def run_loop(session: Session, plan: Plan, options: TrainOptions, *, forward: nn
 
     def checkpoint() -> None:
         if rank == 0:
-            save_checkpoint(options.out, session.model, plan.config, plan.class_names,
-                            training_state=training_state(session, plan, options.seed, iteration))
+            save_training(options.out, session.model, plan.config, plan.class_names,
+                          training_state(session, plan, options.seed, iteration))
 
     t_start = time.perf_counter()
     try:
@@ -355,6 +356,7 @@ def run_loop(session: Session, plan: Plan, options: TrainOptions, *, forward: nn
         "last_loss": history[-1]["loss"] if history else None,
         "losses_csv": str(losses_path(options.out)),
         "checkpoint": str(options.out),
+        "train_state": str(train_state_path(options.out)),
         "val": val_metrics,
     }
 

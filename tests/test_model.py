@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from urllib.error import URLError
+
 import pytest
 import torch
 from torch import nn
 from torchvision.models import resnet50, swin_t
 from torchvision.models.swin_transformer import ShiftedWindowAttention
 
+from model.backbones import imagenet_file
 from model.builder import build_model
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.config import load_config
@@ -127,6 +131,62 @@ def test_pretrained_weights_with_wrong_keys_or_missing_file_fail_clearly(tmp_pat
     cfg["model"]["backbone"]["weights"] = "no-such-file.pth"
     with pytest.raises(UserError, match="not found .looked at: .*no-such-file.pth"):
         build_model(load_config(overrides=cfg))
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch) -> Path:
+    """An empty torch hub cache in TORCH_HOME and no network: any download raises, as on a machine offline."""
+    def no_network(url, dst, *args, **kwargs):
+        raise URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    return tmp_path / "torch" / "hub" / "checkpoints"
+
+
+def test_imagenet_weights_name_torchvisions_files():
+    assert {name: imagenet_file(name) for name in ("swin_t", "swin_s", "swin_b", "resnet50")} == {
+        "swin_t": "swin_t-704ceda3.pth", "swin_s": "swin_s-5e29d889.pth", "swin_b": "swin_b-68c6b09e.pth",
+        "resnet50": "resnet50-0676ba61.pth"}
+
+
+def test_imagenet_weights_load_from_the_torch_hub_cache(offline_hub):
+    torch.manual_seed(2)
+    reference = swin_t().state_dict()  # random weights under torchvision's file name
+    offline_hub.mkdir(parents=True)
+    torch.save(reference, offline_hub / "swin_t-704ceda3.pth")
+    model = build_model(load_config(overrides={"classes": ["a"], "model": {"backbone": {"weights": "imagenet"}}}))
+    for key, value in model.backbone.body.features.state_dict().items():
+        assert torch.equal(value, reference[f"features.{key}"]), key
+
+
+def test_imagenet_weights_are_fetched_into_the_cache_when_missing(offline_hub, monkeypatch):
+    torch.manual_seed(3)
+    reference = resnet50().state_dict()
+    fetched = []
+
+    def download(url, dst, hash_prefix=None, progress=True):
+        fetched.append((url, Path(dst).parent, hash_prefix))
+        torch.save(reference, dst)
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", download)
+    config = load_config(overrides={"classes": ["a"], "model": {"backbone": {"name": "resnet50",
+                                                                             "weights": "imagenet"}}})
+    model = build_model(config)
+    assert fetched == [("https://download.pytorch.org/models/resnet50-0676ba61.pth", offline_hub, "0676ba61")]
+    assert torch.equal(model.backbone.body["layer4"][2].conv3.weight, reference["layer4.2.conv3.weight"])
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.backbone.body.modules())  # frozen, as pretrained
+
+
+def test_imagenet_weights_offline_name_the_file_and_the_folder(offline_hub):
+    config = load_config(overrides={"classes": ["a"], "model": {"backbone": {"name": "swin_s",
+                                                                             "weights": "imagenet"}}})
+    with pytest.raises(UserError) as caught:
+        build_model(config)
+    message = str(caught.value)
+    assert "\n" not in message and "swin_s-5e29d889.pth" in message and f"{offline_hub}" in message
+    assert "https://download.pytorch.org/models/swin_s-5e29d889.pth" in message and "name resolution" in message
+    assert not offline_hub.exists() or not any(offline_hub.iterdir())  # nothing half-written left behind
 
 
 def test_pretrained_resnet_uses_frozen_batchnorm(tmp_path):

@@ -1,16 +1,21 @@
-"""Training loop: a short run, a checkpoint, an exact resume after an interruption, and evaluation."""
+"""Training loop: a short run, a weights file and its training state, an exact resume after an interruption,
+and evaluation."""
 
 from __future__ import annotations
 
 import csv
+import shutil
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 
 import model.train as train_module
-from model.checkpoint import load_checkpoint, read_checkpoint
+from model.checkpoint import load_checkpoint, read_checkpoint, read_train_state, train_state_path
+from model.errors import UserError
 from model.config import load_config
-from model.train import TrainOptions, losses_path, train
+from model.train import TrainOptions, build_session, losses_path, plan_training, train
 from tests.coco_fixtures import write_coco_tiles
 
 
@@ -31,7 +36,13 @@ def test_train_writes_checkpoint_and_loss_log(data, tmp_path):
     summary = train(small_config(), TrainOptions(data=data, out=out, iters=2, batch_size=2, progress=False))
     assert summary["iterations"] == 2 and summary["first_loss"] > 0
     payload = read_checkpoint(out)
-    assert payload["class_names"] == ["box"] and payload["training_state"]["iteration"] == 2
+    assert set(payload) == {"format_version", "config", "class_names", "model"}  # what a user hands over
+    assert payload["class_names"] == ["box"]
+    state_file = train_state_path(out)
+    assert state_file == tmp_path / "model.train-state.pt"
+    assert read_train_state(out)["iteration"] == 2
+    # AdamW keeps two moments per weight: the state file is twice the weights file, which no longer carries it.
+    assert 1.9 < state_file.stat().st_size / out.stat().st_size < 2.1
     rows = list(csv.DictReader(losses_path(out).open()))
     assert [int(r["iteration"]) for r in rows] == [1, 2]
     model, _ = load_checkpoint(out)
@@ -43,7 +54,7 @@ def test_resume_after_interrupt_matches_an_uninterrupted_run(data, tmp_path, mon
     straight = tmp_path / "straight.pt"
     train(small_config(), TrainOptions(out=straight, **options))
 
-    real_save = train_module.save_checkpoint
+    real_save = train_module.save_training
     calls = []
 
     def save_then_interrupt(*args, **kwargs):
@@ -52,12 +63,14 @@ def test_resume_after_interrupt_matches_an_uninterrupted_run(data, tmp_path, mon
         if len(calls) == 1:  # interrupt right after the first epoch's checkpoint
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_module, "save_checkpoint", save_then_interrupt)
+    monkeypatch.setattr(train_module, "save_training", save_then_interrupt)
     resumed = tmp_path / "resumed.pt"
     with pytest.raises(KeyboardInterrupt):
         train(small_config(), TrainOptions(out=resumed, **options))
-    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
-    assert read_checkpoint(resumed)["training_state"]["iteration"] == 2
+    monkeypatch.setattr(train_module, "save_training", real_save)
+    assert read_train_state(resumed)["iteration"] == 2
+
+    assert_resumes_from_a_single_file_of_earlier_versions(resumed, TrainOptions(out=resumed, **options))
     summary = train(small_config(), TrainOptions(out=resumed, resume=True, **options))
     assert summary["resumed_from"] == 2
 
@@ -68,10 +81,40 @@ def test_resume_after_interrupt_matches_an_uninterrupted_run(data, tmp_path, mon
     assert [int(r["iteration"]) for r in rows] == [1, 2, 3, 4]  # nothing lost, nothing logged twice
 
 
+def assert_resumes_from_a_single_file_of_earlier_versions(weights: Path, options: TrainOptions) -> None:
+    """Earlier versions kept the training state inside the weights file; --resume still takes it from there."""
+    state = torch.load(train_state_path(weights), weights_only=True)
+    legacy = weights.with_name("legacy.pt")
+    torch.save({**read_checkpoint(weights), "training_state": state}, legacy)
+    options = replace(options, out=legacy, resume=True)
+    plan = plan_training(small_config(), options)
+    assert plan.start == state["iteration"] == 2
+    session = build_session(plan, options, torch.device("cpu"))
+    restored = session.optimizer.state_dict()["state"]
+    assert restored.keys() == state["optimizer"]["state"].keys()
+    for key, moments in state["optimizer"]["state"].items():
+        assert all(torch.equal(restored[key][name], value) for name, value in moments.items()), key
+
+
 def test_resume_refuses_a_different_schedule(data, tmp_path):
     out = tmp_path / "model.pt"
     train(small_config(), TrainOptions(data=data, out=out, iters=1, batch_size=2, progress=False))
-    from model.errors import UserError
-
     with pytest.raises(UserError, match="resume with the same"):
         train(small_config(), TrainOptions(data=data, out=out, iters=3, batch_size=2, resume=True, progress=False))
+
+
+def test_resume_refuses_a_training_state_of_other_weights(data, tmp_path):
+    """The two files are written one after the other: a run stopped between the two writes, or a state file
+    copied from another run, leaves weights and state that do not belong together."""
+    out = tmp_path / "model.pt"
+    options = dict(data=data, out=out, iters=1, batch_size=2, progress=False)
+    train(small_config(), TrainOptions(**options))
+    earlier_state = tmp_path / "earlier.train-state.pt"
+    shutil.copyfile(train_state_path(out), earlier_state)
+    train(small_config(), TrainOptions(seed=1, **options))  # new weights and their state
+    shutil.copyfile(earlier_state, train_state_path(out))  # as if the second run stopped after the weights
+    with pytest.raises(UserError, match="model.train-state.pt: training state of other weights than .*model.pt"):
+        train(small_config(), TrainOptions(seed=1, resume=True, **options))
+    train_state_path(out).unlink()
+    with pytest.raises(UserError, match="model.train-state.pt: not found: nothing to resume"):
+        train(small_config(), TrainOptions(seed=1, resume=True, **options))

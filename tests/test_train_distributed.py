@@ -18,7 +18,7 @@ import pytest
 import ray
 import torch
 
-from model.checkpoint import load_checkpoint, read_checkpoint
+from model.checkpoint import load_checkpoint, read_checkpoint, read_train_state
 from model.config import load_config
 from model.dataset import CocoTiles
 from model.distributed import (Progress, WorkerOptions, absolute_weights, train_distributed, training_error,
@@ -110,9 +110,10 @@ def runs(ray_session, pair, tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr("model.distributed.Progress", StopAtOnce)
         stopped = train_distributed(sgd_config(), options_for(pair, out), WorkerOptions(workers=2))
-    at_stop = read_checkpoint(out)
+    at_stop, state_at_stop = read_checkpoint(out), read_train_state(out)
     resumed = train_distributed(sgd_config(), options_for(pair, out, resume=True), WorkerOptions(workers=2))
-    return {"out": out, "stopped": stopped, "resumed": resumed, "at_stop": at_stop, "at_end": read_checkpoint(out),
+    return {"out": out, "stopped": stopped, "resumed": resumed, "at_stop": at_stop, "state_at_stop": state_at_stop,
+            "at_end": read_checkpoint(out), "state_at_end": read_train_state(out),
             "reference": reference_weights(pair, out.with_name("unused.pt"))}
 
 
@@ -128,14 +129,15 @@ def assert_weights_equal(got: dict, want: dict, start: dict) -> None:
 
 
 def test_two_workers_train_log_and_checkpoint(runs):
-    assert runs["at_stop"]["training_state"]["iteration"] == 2
+    assert runs["state_at_stop"]["iteration"] == 2
+    assert "training_state" not in runs["at_stop"]  # rank 0 writes the weights and their state apart
     assert runs["stopped"]["resumed_from"] == 0 and runs["resumed"]["resumed_from"] == 2
     rows = list(csv.DictReader(losses_path(runs["out"]).open()))
     assert [int(r["iteration"]) for r in rows] == [1, 2, 3, 4]  # one row per iteration across the resume
     losses = [float(r["loss"]) for r in rows]
     assert all(math.isfinite(v) for v in losses)
     assert min(losses[2:]) < 0.7 * losses[0]  # the same two tiles again and again: the loss falls
-    state = runs["at_end"]["training_state"]
+    state = runs["state_at_end"]
     assert (state["iteration"], state["workers"], state["global_batch"]) == (4, 2, 2)
     model, _ = load_checkpoint(runs["out"])
     assert not model.training
@@ -210,3 +212,18 @@ def test_weights_are_found_before_the_workers_change_directory(tmp_path, monkeyp
     (tmp_path / "swin.pth").unlink()
     with pytest.raises(UserError, match="not found"):
         absolute_weights(config)
+
+
+def test_imagenet_weights_are_fetched_by_the_driver_and_stay_imagenet_for_the_workers(tmp_path, monkeypatch):
+    """Each worker finds `imagenet` in its own node's hub cache; the driver makes sure this machine has it (or
+    refuses in one line) before any worker starts."""
+    def no_network(url, dst, *args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    config = load_config("configs/swin_t.yaml", {"model": {"backbone": {"weights": "imagenet"}}})
+    with pytest.raises(UserError, match=f"swin_t-704ceda3.pth is not in {tmp_path / 'hub' / 'checkpoints'}"):
+        absolute_weights(config)
+    (tmp_path / "hub" / "checkpoints" / "swin_t-704ceda3.pth").write_bytes(b"")
+    assert absolute_weights(config)["model"]["backbone"]["weights"] == "imagenet"

@@ -1,0 +1,118 @@
+"""Config files: YAML aliases are refused before anything expands, and every model setting's type is checked
+up front, so a wrong value is one line naming its key (exit 2), never a TypeError deep in training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from model.config import DEFAULTS, MODEL_RULES, TRAINING_RULES, load_config, read_yaml
+from model.errors import UserError
+from pipeline.cli import main
+from tests.coco_fixtures import write_coco_tiles
+
+# "Billion laughs": 324 bytes whose aliases expand to 9^9 = 387 million strings in whatever walks the result.
+ALIAS_BOMB = "".join(
+    [f'a: &a [{",".join(["lol"] * 9)}]\n']
+    + [f"{name}: &{name} [{','.join(['*' + prev] * 9)}]\n" for prev, name in zip("abcdefgh", "bcdefghi")]
+)
+
+
+def write(tmp_path: Path, text: str, name: str = "config.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def leaf_keys(tree: dict, prefix: str = "") -> set[str]:
+    keys = set()
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        keys |= leaf_keys(value, dotted + ".") if isinstance(value, dict) else {dotted}
+    return keys
+
+
+def test_the_alias_bomb_is_small():
+    assert len(ALIAS_BOMB.encode()) < 400 and ALIAS_BOMB.count("*") == 72
+
+
+def test_aliases_are_refused_before_they_expand(tmp_path):
+    bomb = write(tmp_path, ALIAS_BOMB, "bomb.yaml")
+    with pytest.raises(UserError, match=r"bomb.yaml: line 1: YAML anchors and aliases .* are not accepted"):
+        read_yaml(bomb)
+    merge_key = write(tmp_path, "base: &base {lr: 1.0e-4}\noptimizer:\n  <<: *base\n", "merge.yaml")
+    with pytest.raises(UserError, match="merge.yaml: line 1: YAML anchors and aliases"):
+        read_yaml(merge_key)
+
+
+@pytest.mark.parametrize("command", [
+    ["train", "--data", "tiles", "--out", "m.pt", "--iters", "1"],  # model configs
+    ["run", "scene.tif", "--checkpoint", "m.pt"],  # pipeline settings read through the same read_yaml
+])
+def test_an_alias_bomb_as_config_is_one_line(tmp_path, capsys, command):
+    bomb = write(tmp_path, ALIAS_BOMB, "bomb.yaml")
+    code = main([*command, "--config", str(bomb)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith(f"error: {bomb}: line 1: YAML anchors and aliases") and "\n" not in err
+
+
+def test_every_model_setting_has_a_type_rule():
+    assert set(MODEL_RULES) | set(TRAINING_RULES) == leaf_keys(DEFAULTS)
+
+
+@pytest.mark.parametrize("text, key", [
+    ("optimizer: {lr: fast}", "optimizer.lr"),
+    ("model: {anchor_sizes: 3}", "model.anchor_sizes"),
+    ("model: {anchor_sizes: [[32], [64], [big], [256], [512]]}", "model.anchor_sizes"),
+    ("model: {aspect_ratios: [0.5, one]}", "model.aspect_ratios"),
+    ("model: {fpn_channels: 256.5}", "model.fpn_channels"),
+    ("model: {amp: maybe}", "model.amp"),
+    ("model: {image_mean: [0.5, 0.5]}", "model.image_mean"),
+    ("model: {min_size: 512, max_size: '1024'}", "model.max_size"),
+    ("model: {box_detections_per_img: true}", "model.box_detections_per_img"),
+    ("model: {backbone: {trainable_stages: [4]}}", "model.backbone.trainable_stages"),
+    ("model: {backbone: {weights: 3}}", "model.backbone.weights"),
+    ("model: {backbone: {drop_path_rate: high}}", "model.backbone.drop_path_rate"),
+    ("classes: building", "classes"),
+    ("train: {batch_size: two}", "train.batch_size"),
+    ("train: {clip_grad_norm: [1]}", "train.clip_grad_norm"),
+    ("schedule: {milestones: 0.5}", "schedule.milestones"),
+    ("schedule: {gamma: null}", "schedule.gamma"),
+    ("optimizer: {weight_decay: '0.05'}", "optimizer.weight_decay"),
+    ("model: 3", "model"),
+])
+def test_a_wrong_type_names_its_key(tmp_path, text, key):
+    path = write(tmp_path, text + "\n")
+    with pytest.raises(UserError) as caught:
+        load_config(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path}: '{key}' must be ") and "\n" not in message
+
+
+def test_a_number_yaml_reads_as_text_gets_a_hint(tmp_path):
+    path = write(tmp_path, "optimizer: {lr: 1e-4}\n")  # YAML 1.1 needs the dot: this is the string '1e-4'
+    with pytest.raises(UserError, match=r"'optimizer.lr' must be a number > 0, got '1e-4' .*write 1.0e-4"):
+        load_config(path)
+
+
+def test_a_wrong_type_on_the_command_line_exits_2(tmp_path, capsys):
+    data = tmp_path / "tiles"
+    write_coco_tiles(data / "train", n_images=1)
+    config = write(tmp_path, "model: {anchor_sizes: 3}\n")
+    code = main(["train", "--config", str(config), "--data", str(data), "--out", str(tmp_path / "m.pt"),
+                 "--iters", "1"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == f"error: {config}: 'model.anchor_sizes' must be a list of one list of positive " \
+                                "anchor sizes (pixels) per FPN map, got 3"
+
+
+def test_a_section_left_empty_keeps_its_defaults(tmp_path):
+    assert load_config(write(tmp_path, "model:\n  # backbone: {name: resnet50}\n")) == load_config()
+
+
+@pytest.mark.parametrize("path", sorted(str(p) for p in [*Path("configs").glob("*.yaml"),
+                                                           *Path("data/samples").glob("*.yaml")]
+                                        if p.name != "pipeline.yaml"))
+def test_the_shipped_model_configs_are_valid(path):
+    load_config(path)
