@@ -33,7 +33,7 @@ class ReadSpec:
 
     scene: str
     bands: list[int]
-    nodata: float | None
+    nodata: tuple[float, ...] | None  # per band read (raster.band_nodata)
     scaling: Scaling
     score_threshold: float
     mask_threshold: float

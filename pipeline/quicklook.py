@@ -12,16 +12,18 @@ import numpy as np
 import rasterio.features
 
 from model.files import atomic_path
-from pipeline.raster import Scaling, SceneInfo, normalize, read_overview, to_uint8, write_png
+from pipeline.raster import Overview, Scaling, SceneInfo, normalize, read_overview, to_uint8, write_png
 from pipeline.style import PALETTE
 
 
 
 class Quicklook:
-    def __init__(self, scene: str, info: SceneInfo, bands: list[int], scaling: Scaling, max_side: int = 1024):
-        raw, valid, self.transform = read_overview(scene, info, bands, max_side)
-        self.image = to_uint8(normalize(raw, scaling), valid)
-        self.classes = np.zeros(valid.shape, dtype=np.int32)  # class id of an outline pixel, 0: none
+    def __init__(self, scene: str, info: SceneInfo, bands: list[int], scaling: Scaling,
+                 overview: Overview | None = None, max_side: int = 1024):
+        overview = overview if overview is not None else read_overview(scene, info, bands, max_side)
+        self.transform = overview.transform
+        self.image = to_uint8(normalize(overview.data, scaling), overview.valid)
+        self.classes = np.zeros(overview.valid.shape, dtype=np.int32)  # class id of an outline pixel, 0: none
 
     def draw(self, geoms: Sequence[Any], class_ids: Sequence[int]) -> None:
         shapes = [(g.boundary, int(c)) for g, c in zip(geoms, class_ids) if not g.is_empty]

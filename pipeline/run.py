@@ -15,11 +15,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from rasterio.errors import RasterioError
 from rasterio.windows import Window
 from tqdm import tqdm
 
-from model.errors import UserError, first_line
+from model.errors import UserError
 from model.files import atomic_path, check_writable
 from pipeline.execute import RayPool, ReadSpec, TileResult
 from pipeline.geopackage import GeoPackageWriter, read_run_metadata
@@ -28,7 +27,8 @@ from pipeline.polygonize import mask_to_geometry
 from pipeline.predict import CheckpointPredictor
 from pipeline.quicklook import Quicklook
 from pipeline.instances import Instance
-from pipeline.raster import SceneInfo, compute_scaling, is_virtual, open_scene, resolve_bands
+from pipeline.raster import (SceneInfo, band_nodata, compute_scaling, first_look, is_virtual, open_scene,
+                             resolve_bands)
 from pipeline.scenes import fingerprint, scene_identity, scene_name
 from pipeline.settings import load_settings, settings_overrides
 from pipeline.store import TileStore, state_dir
@@ -164,6 +164,8 @@ def run_scene(
         return summary
     store = TileStore(state_dir(output, layer if keep_other_layers else None), key)
     summary.stale_state_cleared = store.stale
+    overview, notes = first_look(scene, info, spec.bands, spec.nodata)  # collar check; the quicklook reuses it
+    summary.warnings += notes
     summary.seconds["plan"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -182,8 +184,9 @@ def run_scene(
     early = (f for i in sorted(settled.features) for f in settled.features[i])
     late = (f for m in merged for f in settled.polygons([m]))  # polygonized batch by batch as they are written
     metadata = {**run_metadata(predictor, settings, summary), "result_fingerprint": result_key}
-    quicklook = start_quicklook(scene, info, spec, summary) if settings["run"]["quicklook"] else None
     names = class_names_of(predictor)
+    quicklook = (Quicklook(scene, info, spec.bands, spec.scaling, overview=overview)
+                 if settings["run"]["quicklook"] and overview is not None else None)
     with GeoPackageWriter(output, info.crs, layer=layer, metadata=metadata, overwrite=True, class_names=names,
                           keep_other_layers=keep_other_layers) as writer:
         write_features(itertools.chain(early, late), writer, names, quicklook)
@@ -243,7 +246,7 @@ def read_spec(scene: str, info: SceneInfo, settings: dict[str, Any]) -> ReadSpec
     bands = resolve_bands(settings["bands"], info.count, scene, info.alpha)
     # Workers on other nodes (or in another working directory) get an absolute path.
     return ReadSpec(scene=str(scene) if is_virtual(scene) else os.path.abspath(scene), bands=bands, masked=info.masked,
-                    nodata=settings["nodata"] if settings["nodata"] is not None else info.nodata,
+                    nodata=band_nodata(settings["nodata"], info, bands, scene),
                     scaling=compute_scaling(scene, info, settings, bands),
                     score_threshold=float(r["score_threshold"]), mask_threshold=float(r["mask_threshold"]))
 
@@ -317,16 +320,6 @@ def write_features(features: Iterable[Feature], writer: GeoPackageWriter, names:
         writer.write(geoms, labels, [label_name(names, label) for label in labels], scores)
         if quicklook is not None:
             quicklook.draw(geoms, labels)
-
-
-def start_quicklook(scene: str, info: SceneInfo, spec: ReadSpec, summary: RunSummary) -> Quicklook | None:
-    """The quicklook canvas, or None with a warning when the overview cannot be read (e.g. a corrupt
-    block): a missing picture must not cost the user the polygons."""
-    try:
-        return Quicklook(scene, info, spec.bands, spec.scaling)
-    except RasterioError as exc:
-        summary.warnings.append(f"no quicklook: the scene overview could not be read ({first_line(exc)})")
-        return None
 
 
 def sidecar(output: Path, suffix: str) -> Path:
