@@ -32,6 +32,7 @@ from pipeline.raster import (SceneInfo, band_nodata, compute_scaling, first_look
 from pipeline.scenes import fingerprint, scene_identity, scene_name
 from pipeline.settings import load_settings, settings_overrides
 from pipeline.store import TileStore, state_dir
+from pipeline.style import label_name
 from pipeline.windows import plan_windows, private_regions
 
 WRITE_BATCH = 5000  # polygons per GeoPackage append: bounded memory for millions of instances
@@ -185,7 +186,7 @@ def run_scene(
     late = (f for m in merged for f in settled.polygons([m]))  # polygonized batch by batch as they are written
     metadata = {**run_metadata(predictor, settings, summary), "result_fingerprint": result_key}
     names = class_names_of(predictor)
-    quicklook = (Quicklook(scene, info, spec.bands, spec.scaling, overview=overview)
+    quicklook = (Quicklook(scene, info, spec.bands, spec.scaling, class_names=names, overview=overview)
                  if settings["run"]["quicklook"] and overview is not None else None)
     with GeoPackageWriter(output, info.crs, layer=layer, metadata=metadata, overwrite=True, class_names=names,
                           keep_other_layers=keep_other_layers) as writer:
@@ -332,12 +333,6 @@ def write_report(path: Path, summary: RunSummary, metadata: dict[str, Any]) -> N
     report = {**metadata, "summary": dataclasses.asdict(summary)}
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(report, indent=2, default=str))
-
-
-def label_name(names: list[str] | None, label: int) -> str:
-    if names and 1 <= label <= len(names):
-        return names[label - 1]
-    return f"class_{label}"
 
 
 def check_output(output: Path) -> None:
