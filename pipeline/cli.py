@@ -25,11 +25,22 @@ def _bands(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"bands must look like 3,2,1, got {text!r}") from None
 
 
+def _nodata(text: str) -> float | list[float]:
+    """--nodata as gdal_translate -a_nodata takes it: one value for every band, or one per band (255 or 0,0,0)."""
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"nodata must be a number, or one per band like 0,0,0, got {text!r}") from None
+    return values[0] if len(values) == 1 else values
+
+
 def add_reading_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="pipeline settings YAML (default: configs/pipeline.yaml defaults)")
     p.add_argument("--tile", type=int, help="window size in pixels")
     p.add_argument("--overlap", type=int, help="pixels shared by neighbouring windows")
     p.add_argument("--bands", type=_bands, help="1-based scene bands for the 3 model channels, e.g. 1,1,1")
+    p.add_argument("--nodata", type=_nodata, help="the value of pixels that are not image (e.g. an orthomosaic's "
+                                                 "white collar: 255), over the scene's own; or one per band: 0,0,0")
     p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing output")
 
 
@@ -129,7 +140,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.scenes import expand_scenes
     from pipeline.settings import load_settings, settings_overrides
 
-    options = _options(args, ["tile", "overlap", "bands", "batch_size", "score_threshold", "device",
+    options = _options(args, ["tile", "overlap", "bands", "nodata", "batch_size", "score_threshold", "device",
                               "ray_address", "workers", "gpus_per_worker", "threads_per_worker", "simplify"])
     if args.overwrite:
         options["overwrite"] = True
@@ -155,7 +166,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from pipeline.prepare import Interrupted, prepare
     from pipeline.settings import load_settings, settings_overrides
 
-    options = _options(args, ["tile", "overlap", "bands", "class_field", "class_name", "min_area_px",
+    options = _options(args, ["tile", "overlap", "bands", "nodata", "class_field", "class_name", "min_area_px",
                               "empty_fraction", "val_fraction", "seed"])
     overrides = settings_overrides(options)
     # --workers and --ray-address share their flat names with `run`'s keys; here they are prepare's.

@@ -37,8 +37,8 @@ from model.errors import UserError, first_line
 from model.files import atomic_path, check_not_input, exclusive, lock_path
 from pipeline.coco import annotation_body
 from pipeline.labels import read_labels, to_scene_crs
-from pipeline.raster import (Scaling, SceneInfo, compute_scaling, is_virtual, normalize, open_scene,
-                             read_window, resolve_bands, to_uint8, write_png)
+from pipeline.raster import (Scaling, SceneInfo, band_nodata, compute_scaling, is_virtual, normalize,
+                             open_scene, read_window, resolve_bands, to_uint8, write_png)
 from pipeline.scenes import expand_scenes, fingerprint, scene_identity
 from pipeline.split import spatial_split
 from pipeline.rect import Rect
@@ -63,7 +63,7 @@ class Part:
     scene_index: int
     info: SceneInfo
     bands: list[int]
-    nodata: float | None
+    nodata: tuple[float, ...] | None  # per band read (raster.band_nodata)
     first_window: int  # index of windows[0] in the scene's plan
     windows: list[WindowBox]
     sides: list[str]  # "train" | "val" | "drop", per window
@@ -148,7 +148,7 @@ def plan_scene(scene: str, scene_index: int, frame: gpd.GeoDataFrame, settings: 
     p = settings["prepare"]
     info = open_scene(scene)
     bands = resolve_bands(settings["bands"], info.count, scene, info.alpha)
-    nodata = settings["nodata"] if settings["nodata"] is not None else info.nodata
+    nodata = band_nodata(settings["nodata"], info, bands, scene)
     inside = labels_inside(frame, info)
     if len(inside) == 0:
         print(f"warning: {scene}: no label falls inside this scene")

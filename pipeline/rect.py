@@ -42,6 +42,10 @@ class Rect:
     def grown(self, pixels: int) -> Rect:
         return Rect(self.col0 - pixels, self.row0 - pixels, self.col1 + pixels, self.row1 + pixels)
 
+    def slices(self) -> tuple[slice, slice]:
+        """(rows, cols) to index a scene-sized array with."""
+        return slice(self.row0, self.row1), slice(self.col0, self.col1)
+
     def to_window(self) -> Window:
         return Window(self.col0, self.row0, self.width, self.height)
 

@@ -22,17 +22,18 @@ from typing import Any
 
 import numpy as np
 import shapely
-from rasterio.errors import RasterioError
 
-from model.errors import UserError, first_line
+from model.errors import UserError
 from model.files import atomic_path, check_not_input, check_writable, exclusive, lock_path
 from pipeline.features import Rows
 from pipeline.geopackage import GeoPackageWriter, read_run_metadata
 from pipeline.merge import SceneMerge, SeamRule
 from pipeline.quicklook import Quicklook
-from pipeline.raster import SceneInfo, compute_scaling, is_virtual, open_scene, resolve_bands
+from pipeline.raster import (SceneInfo, band_nodata, compute_scaling, first_look, is_virtual, open_scene,
+                             resolve_bands)
 from pipeline.scenes import fingerprint, scene_identity
 from pipeline.store import TileStore, state_dir
+from pipeline.style import label_name
 from pipeline.summary import RunSummary
 from pipeline.worker import SCORE_BINS, SceneSpec, TileOutput, union_rows
 
@@ -74,12 +75,6 @@ def sidecar(output: Path, suffix: str) -> Path:
     return output.with_name(output.stem + suffix)
 
 
-def label_name(names: list[str] | None, label: int) -> str:
-    if names and 1 <= label <= len(names):
-        return names[label - 1]
-    return f"class_{label}"
-
-
 def scene_spec(scene: str, info: SceneInfo, settings: dict[str, Any]) -> SceneSpec:
     """How workers turn this scene's windows into rows (bands, nodata, scaling, thresholds, plan, rule)."""
     from pipeline.windows import plan_windows
@@ -88,7 +83,7 @@ def scene_spec(scene: str, info: SceneInfo, settings: dict[str, Any]) -> SceneSp
     bands = resolve_bands(settings["bands"], info.count, scene, info.alpha)
     # Workers on other nodes (or in another working directory) get an absolute path.
     return SceneSpec(scene=str(scene) if is_virtual(scene) else os.path.abspath(scene), bands=bands,
-                     nodata=settings["nodata"] if settings["nodata"] is not None else info.nodata,
+                     nodata=band_nodata(settings["nodata"], info, bands, scene),
                      scaling=compute_scaling(scene, info, settings, bands), masked=info.masked,
                      score_threshold=float(r["score_threshold"]), mask_threshold=float(r["mask_threshold"]),
                      grid=plan_windows(info.width, info.height, settings["tile"], settings["overlap"]),
@@ -146,6 +141,9 @@ class SceneRun:
             return None
         self.store = TileStore(task.store, key)
         self.summary.stale_state_cleared = self.store.stale
+        # The one decimated read of the scene in the driver: the collar check now, the quicklook's picture later.
+        self.overview, notes = first_look(task.scene, self.info, self.spec.bands, self.spec.nodata)
+        self.summary.warnings += notes
         self.summary.tiles = len(self.spec.grid)
         meter = self.spec.meter
         self.merge = SceneMerge(self.spec.grid, self.spec.rule, partial(union_rows, spec=self.spec, meter=meter))
@@ -211,12 +209,9 @@ class SceneRun:
         self.writer = self.stack.enter_context(GeoPackageWriter(
             task.output, self.info.crs, layer=task.layer, overwrite=True, class_names=self.names,
             keep_other_layers=task.keep_other_layers))
-        if self.settings["run"]["quicklook"]:
-            try:
-                self.quicklook = Quicklook(task.scene, self.info, self.spec.bands, self.spec.scaling)
-            except RasterioError as exc:  # a missing picture must not cost the user the polygons
-                self.summary.warnings.append(f"no quicklook: the scene overview could not be read "
-                                             f"({first_line(exc)})")
+        if self.settings["run"]["quicklook"] and self.overview is not None:
+            self.quicklook = Quicklook(task.scene, self.info, self.spec.bands, self.spec.scaling,
+                                       class_names=self.names, overview=self.overview)
 
     def finish(self) -> RunSummary:
         """Merge what is left, close the output (it appears now), write the sidecars, clean up."""

@@ -18,7 +18,7 @@ DEFAULTS: dict[str, Any] = {
     "scaling": "auto",  # auto | divide255 | percentile | range  (see pipeline/raster.py)
     "percentiles": [2.0, 98.0],  # for scaling: percentile, and auto on non-8-bit data
     "value_range": None,  # [low, high] for scaling: range (same scaling for every scene)
-    "nodata": None,  # overrides the scene's declared nodata value
+    "nodata": None,  # overrides the scene's declared nodata value: one number, or a list of one per scene band
     "prepare": {
         "class_field": None,  # label attribute holding the class name
         "class_name": None,  # or one class name for every label
@@ -76,6 +76,9 @@ def validate(s: dict[str, Any]) -> None:
             isinstance(b, int) and b >= 1 for b in s["bands"]
         ):
             raise UserError(f"bands must be three 1-based band numbers, got {s['bands']!r}")
+    nodata = s["nodata"] if isinstance(s["nodata"], list) else [s["nodata"]]
+    if s["nodata"] is not None and not (nodata and all(type(v) in (int, float) for v in nodata)):
+        raise UserError(f"nodata must be a number or a list of one number per band, got {s['nodata']!r}")
     if s["scaling"] not in ("auto", "divide255", "percentile", "range"):
         raise UserError(f"scaling must be auto, divide255, percentile or range, got {s['scaling']!r}")
     low, high = s["percentiles"]

@@ -66,13 +66,13 @@ def decode(data: Any, scene: int) -> TileOutput:
 def pack(arrays: dict[str, np.ndarray]) -> bytes:
     """Arrays as one buffer: an 8-byte header length, a JSON header (dtype, shape, offset of each), the data."""
     header, offset = {}, 0
+    arrays = {name: np.asarray(array, order="C") for name, array in arrays.items()}
     for name, array in arrays.items():
-        array = np.ascontiguousarray(array)
         header[name] = [array.dtype.str, list(array.shape), offset]
         offset += array.nbytes
     text = json.dumps(header).encode()
     return b"".join([len(text).to_bytes(8, "little"), text,
-                     *(np.ascontiguousarray(a).tobytes() for a in arrays.values())])
+                     *(a.tobytes() for a in arrays.values())])
 
 
 def unpack(blob: bytes) -> dict[str, np.ndarray]:
@@ -83,7 +83,7 @@ def unpack(blob: bytes) -> dict[str, np.ndarray]:
     for name, (dtype, shape, offset) in header.items():
         dtype = np.dtype(dtype)
         count = int(np.prod(shape))
-        out[name] = np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape)
+        out[name] = np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(tuple(shape))
     return out
 
 

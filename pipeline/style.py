@@ -9,7 +9,7 @@ are the quicklook's, so the PNG and the GIS view agree.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from xml.sax.saxutils import quoteattr
 
@@ -21,6 +21,13 @@ PALETTE = np.array([(255, 40, 40), (40, 220, 255), (255, 220, 0), (255, 0, 200),
 
 CLASS_FIELD = "class_name"
 STYLE_NAME = "aerial-seg outlines"
+
+
+def label_name(names: Sequence[str] | None, label: int) -> str:
+    """The name of class id `label` (1-based in `names`), or class_N when the model gave none."""
+    if names and 1 <= label <= len(names):
+        return names[label - 1]
+    return f"class_{label}"
 
 
 def class_colour(class_id: int) -> tuple[int, int, int]:

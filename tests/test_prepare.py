@@ -99,7 +99,8 @@ def _overlaps(a, b) -> bool:
 
 
 def write_scene(path: Path, width=200, height=160, nodata_rows: slice | None = None) -> None:
-    data = np.full((3, height, width), 100, dtype=np.uint8)
+    # A faint texture: a window of one flat colour holds nothing to find and would be skipped as no-data.
+    data = np.broadcast_to(100 + np.indices((height, width)).sum(axis=0) % 7, (3, height, width)).astype(np.uint8)
     if nodata_rows is not None:
         data[:, nodata_rows] = 0
     with rasterio.open(path, "w", driver="GTiff", width=width, height=height, count=3, dtype="uint8", crs=UTM,

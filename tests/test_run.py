@@ -100,6 +100,7 @@ def test_any_predictor_runs_without_autograd(tmp_path, ray_session):
 def test_quicklook_and_report_sit_beside_the_output(tmp_path, ray_session):
     import json
 
+    from pipeline.quicklook import HEADER_PX, MARGIN_PX, PANEL_PX
     from pipeline.style import PALETTE
 
     ids, classes = paint_objects(HEIGHT, WIDTH, TILE, OVERLAP)
@@ -110,14 +111,16 @@ def test_quicklook_and_report_sit_beside_the_output(tmp_path, ray_session):
                         scaling="divide255", progress=False)
 
     with rasterio.open(tmp_path / "out.quicklook.png") as png:
-        picture = png.read()
-    assert picture.shape == (3, HEIGHT, WIDTH)  # smaller than 1024 px: drawn at full size
+        page = png.read()
+    picture = page[:3, HEADER_PX:HEADER_PX + HEIGHT, MARGIN_PX:MARGIN_PX + WIDTH]  # the map, left of the legend
+    assert page.shape[2] == MARGIN_PX + WIDTH + PANEL_PX  # smaller than 1024 px: drawn at full size
     for class_id in (1, 2):  # each class's outline in its colour, on the boundary of its objects
         drawn = np.all(picture == PALETTE[class_id - 1][:, None, None], axis=0)
         objects = classes > 0
         assert drawn.sum() > 50 and (drawn & (classes == class_id) | ~objects).sum() >= 0.9 * drawn.sum()
     padded = np.pad(ids > 0, 2)
     near = np.any([padded[r:r + HEIGHT, c:c + WIDTH] for r in range(5) for c in range(5)], axis=0)
+    near[-60:, :80] = True  # the scale bar
     assert np.array_equal(picture[0][~near], ids[~near])  # away from outlines: the image itself (band 1 = ids)
 
     report = json.loads((tmp_path / "out.report.json").read_text())
