@@ -9,6 +9,7 @@ detection) or the compact one (a boolean mask cropped to each detection, made wh
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -27,8 +28,9 @@ class Instance:
     tile: int = 0  # that window's index in the scene's plan
     position: int = 0  # its place among the window's detections: with `tile`, the output's row order
 
-    @property
+    @cached_property
     def box(self) -> Rect:
+        """The mask's box (an instance is not changed once made: `dataclasses.replace` makes a new one)."""
         h, w = self.mask.shape
         return Rect(self.col, self.row, self.col + w, self.row + h)
 
@@ -41,6 +43,10 @@ def tight(masks: list[np.ndarray], origins: np.ndarray) -> tuple[list[np.ndarray
     """Crop each mask to its occupied rows and columns: (crops, new (row, col) origins, non-empty flags)."""
     crops, out, nonempty = [], origins.copy(), np.zeros(len(masks), dtype=bool)
     for k, mask in enumerate(masks):
+        if mask.size and mask[0].any() and mask[-1].any() and mask[:, 0].any() and mask[:, -1].any():
+            crops.append(mask)  # already tight, as a model's crop usually is: four edge checks, no scan
+            nonempty[k] = True
+            continue
         rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
         if rows.size == 0:
             crops.append(mask[:0, :0])
@@ -59,6 +65,7 @@ def from_compact(mask_boxes: np.ndarray, crops: list[np.ndarray], scores: np.nda
     keep = np.flatnonzero(np.asarray(scores) >= score_threshold)
     masks, origins = [], np.zeros((len(keep), 2), dtype=np.int64)
     height, width = valid.shape
+    everywhere = bool(valid.all())  # the common case: no padding, no nodata in the tile
     for n, i in enumerate(keep):
         x0, y0, x1, y1 = (int(v) for v in mask_boxes[i])
         crop = np.asarray(crops[i], dtype=bool)
@@ -66,7 +73,8 @@ def from_compact(mask_boxes: np.ndarray, crops: list[np.ndarray], scores: np.nda
             raise ValueError(f"mask crop {i} is {crop.shape} but its box is {y1 - y0} x {x1 - x0}")
         # Clip to the tile, then clear what is not valid image.
         cy0, cx0, cy1, cx1 = max(y0, 0), max(x0, 0), min(y1, height), min(x1, width)
-        masks.append(crop[cy0 - y0:max(cy1, cy0) - y0, cx0 - x0:max(cx1, cx0) - x0] & valid[cy0:cy1, cx0:cx1])
+        crop = crop[cy0 - y0:max(cy1, cy0) - y0, cx0 - x0:max(cx1, cx0) - x0]
+        masks.append(crop if everywhere else crop & valid[cy0:cy1, cx0:cx1])
         origins[n] = (cy0, cx0)
     masks, origins, nonempty = tight(masks, origins)
     return [Instance(row=window.row0 + int(origins[n, 0]), col=window.col0 + int(origins[n, 1]), mask=masks[n],

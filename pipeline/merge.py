@@ -209,6 +209,11 @@ def resolve(instances: list[Instance], pairs: list[tuple[int, int]], grid: Windo
             rule: SeamRule) -> list[MergedObject]:
     """The objects a component of detections shows (`components`: the members and their candidate pairs), by
     the rule of the module docstring; nothing outside a component could change its result."""
+    if len(instances) == 1:  # most components: one detection, whole or standing alone or yielding
+        (only,) = instances
+        if edge_room(only, grid) >= rule.edge_margin or not seen_whole_elsewhere(only.box, {only.tile}, grid, rule):
+            return [merged(instances, only)]
+        return []
     weight = {(i, j): agreement(instances[i], instances[j], rule) for i, j in pairs}
     matched = [(i, j) for (i, j), w in weight.items() if w]
     room = [edge_room(inst, grid) for inst in instances]

@@ -9,6 +9,7 @@ are written, so the picture costs the same whatever the scene size or the number
 
 from __future__ import annotations
 
+import io
 import math
 from collections import Counter
 from collections.abc import Sequence
@@ -90,9 +91,24 @@ class Quicklook:
                        scale=scale_bar(per_px, width) if per_px else None)
 
     def save(self, path: Path) -> None:
-        figure = render(self.canvas(), self.caption())
+        """Lay out the page and write it. With Ray running here the layout runs in a Ray task: matplotlib
+        costs ~0.5 s of CPU per page (more with its first import), which the driver of a many-scene job,
+        feeding GPUs, cannot spare. The task returns the PNG's bytes; this process writes the file."""
+        import ray
+
+        if ray.is_initialized():
+            png = ray.get(ray.remote(num_cpus=0)(page).remote(self.canvas(), self.caption()))
+        else:
+            png = page(self.canvas(), self.caption())
         with atomic_path(path) as tmp:
-            figure.savefig(tmp, format="png", dpi=DPI)
+            tmp.write_bytes(png)
+
+
+def page(canvas: np.ndarray, caption: Caption) -> bytes:
+    """The quicklook page as PNG bytes."""
+    buffer = io.BytesIO()
+    render(canvas, caption).savefig(buffer, format="png", dpi=DPI)
+    return buffer.getvalue()
 
 
 def outline_pixels(geoms: np.ndarray, transform: Affine,

@@ -21,6 +21,7 @@ the driver never reads the full scene and every tile of a scene is scaled alike.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import warnings
@@ -172,18 +173,26 @@ class Overview:
     transform: Affine
 
 
-def compute_scaling(path: str, info: SceneInfo, settings: dict[str, Any], bands: list[int]) -> Scaling:
-    """The scene's value -> [0, 1] mapping for each of `bands` (see the module docstring)."""
+def scaling_mode(settings: dict[str, Any], info: SceneInfo) -> str:
+    """The scaling rule a scene gets: `auto` resolved by its data type."""
     mode = settings["scaling"]
     if mode == "auto":
         mode = "divide255" if info.dtype == "uint8" else "percentile"
+    return mode
+
+
+def compute_scaling(path: str, info: SceneInfo, settings: dict[str, Any], bands: list[int],
+                    overview: Overview | None = None) -> Scaling:
+    """The scene's value -> [0, 1] mapping for each of `bands` (see the module docstring); the percentile
+    rule reads `overview` when the caller has it, else the scene."""
+    mode = scaling_mode(settings, info)
     if mode == "divide255":
         return Scaling(low=(0.0,) * len(bands), high=(255.0,) * len(bands))
     if mode == "range":
         low, high = (float(v) for v in settings["value_range"])
         return Scaling(low=(low,) * len(bands), high=(high,) * len(bands))
     try:
-        overview = read_overview(path, info, bands)
+        overview = overview if overview is not None else read_overview(path, info, bands)
     except RasterioError as exc:
         raise UserError(f"{path}: cannot read the scene for its value statistics ({first_line(exc)})") from None
     keep = overview.valid & valid_pixels(overview.data, band_nodata(settings["nodata"], info, bands, path))
@@ -341,16 +350,17 @@ def collar_fringe(data: np.ndarray, nodata: Sequence[float], exact: np.ndarray,
     return collar | small[specks]
 
 
-def read_window(path: str, window: Rect, bands: list[int], nodata: float | Sequence[float] | None,
-                masked: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def read_window(source: str | rasterio.DatasetReader, window: Rect, bands: list[int],
+                nodata: float | Sequence[float] | None, masked: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Raw C x H x W values of a full-size window (zero past the scene edge) and its bool `valid` mask (the
     module's validity rule; `nodata`: one value, or one per band read; `masked`: the scene's alpha band or GDAL
-    mask counts). A window whose valid pixels are all one colour comes back all invalid: it is skipped."""
+    mask counts). A window whose valid pixels are all one colour comes back all invalid: it is skipped.
+    `source`: a path, or a dataset kept open across windows (opening a GeoTIFF costs a millisecond or two)."""
     nodata = per_band(nodata, len(bands))
     unique = sorted(set(bands))
     values = None if nodata is None else [dict(zip(bands, nodata))[b] for b in unique]
     margin = 0
-    with rasterio.open(path) as src:
+    with rasterio.open(source) if isinstance(source, str) else contextlib.nullcontext(source) as src:
         data, inside, opaque = read_box(src, window, unique, masked)
         if values is not None and data.dtype == np.uint8 and near_on_edge(data, values, inside):
             margin = COLLAR_MARGIN  # a collar may reach the window: its rule must see past the edge
@@ -409,9 +419,12 @@ def normalize(raw: np.ndarray, scaling: Scaling) -> np.ndarray:
     """float32 C x H x W in [0, 1]; the caller zeroes invalid pixels (it owns the valid mask)."""
     low = np.asarray(scaling.low, dtype=np.float32)[:, None, None]
     span = (np.asarray(scaling.high, dtype=np.float32) - np.asarray(scaling.low, dtype=np.float32))[:, None, None]
-    out = (raw.astype(np.float32) - low) / span
+    out = raw.astype(np.float32)
+    out -= low
+    out /= span
     np.clip(out, 0.0, 1.0, out=out)
-    np.nan_to_num(out, copy=False, nan=0.0)
+    if raw.dtype.kind == "f":  # only float data can hold NaN (never valid data; zeroed as the rest)
+        np.nan_to_num(out, copy=False, nan=0.0)
     return out
 
 

@@ -70,6 +70,8 @@ def run_job(tasks: list[SceneTask], predictor: Callable, settings: dict[str, Any
     output = ThreadPoolExecutor(max_workers=1, thread_name_prefix="output")
     bar = tqdm(total=0, desc="tiles", unit="tile", disable=not progress)
     batch_size = int(settings["run"]["batch_size"])
+    planner = Planner(tasks, lambda number, task: SceneRun(number, task, settings, identity, describe,
+                                                           class_names_of(predictor)))
 
     def hand_over(run: SceneRun) -> None:
         """A scene's last tile is in: the rest of its work goes to the output thread."""
@@ -77,33 +79,31 @@ def run_job(tasks: list[SceneTask], predictor: Callable, settings: dict[str, Any
         finishing.append((run, output.submit(run.finish)))
 
     def batches() -> Iterator[Batch]:
-        """The job's windows in batches (a batch may span scenes), each scene planned when its turn comes."""
+        """The job's windows in batches (a batch may span scenes), scenes planned ahead of their turn."""
         items: list[tuple[int, int]] = []
         specs: dict[int, Any] = {}
         previous: SceneRun | None = None
-        for number, task in enumerate(tasks):
-            run = SceneRun(number, task, settings, identity, describe, class_names_of(predictor),
-                           previous if task.keep_other_layers else None)
-            try:
-                todo = run.plan()
-            except UserError as exc:  # the scenes before it finish and are written; then the job stops
-                errors.append(exc)
-                break
-            if todo is None:
-                finishing.append((run, resolved(run.summary)))
-                continue
-            previous = runs[number] = run
-            bar.total += run.summary.tiles
-            bar.update(run.summary.tiles - len(todo))
-            bar.set_description(Path(task.scene).name)
-            if not todo:
-                hand_over(run)
-            for index in todo:
-                items.append((number, index))
-                specs[number] = run.spec
-                if len(items) == batch_size:
-                    yield specs, items
-                    items, specs = [], {}
+        try:
+            for run, todo in planner:
+                if todo is None:
+                    finishing.append((run, resolved(run.summary)))
+                    continue
+                if run.task.keep_other_layers:
+                    run.previous = previous  # its layer goes into the file after the previous scene's
+                previous = runs[run.number] = run
+                bar.total += run.summary.tiles
+                bar.update(run.summary.tiles - len(todo))
+                bar.set_description(Path(run.task.scene).name)
+                if not todo:
+                    hand_over(run)
+                for index in todo:
+                    items.append((run.number, index))
+                    specs[run.number] = run.spec
+                    if len(items) == batch_size:
+                        yield specs, items
+                        items, specs = [], {}
+        except UserError as exc:  # a scene that cannot run: those before it finish and are written first
+            errors.append(exc)
         if items:
             yield specs, items
 
@@ -131,7 +131,7 @@ def run_job(tasks: list[SceneTask], predictor: Callable, settings: dict[str, Any
             yield from written()
         for run in list(runs.values()):  # never: every window comes back, computed or failed; but if one
             for index in sorted(run.remaining):  # did not, the output must say so rather than claim complete
-                run.take(TileOutput(run.number, index, "failed", error="no result came back"))
+                output.submit(run.write, run.take(TileOutput(run.number, index, "failed", error="no result came back")))
             hand_over(run)
         while finishing:
             finishing[0][1].result()
@@ -144,12 +144,47 @@ def run_job(tasks: list[SceneTask], predictor: Callable, settings: dict[str, Any
             raise Interrupted(saved) from None
         raise
     finally:
+        planner.close()
         output.shutdown(wait=True)
         bar.close()
         if pool is None and active is not None:
             active.__exit__(None, None, None)
     if errors:
         raise errors[0]
+
+
+class Planner:
+    """The job's scenes planned in order, `ahead` of their turn, on a thread of their own: opening a scene,
+    holding its output, starting its overview and replaying its saved tiles hide behind the previous scene's
+    tiles instead of stalling the workers between scenes."""
+
+    def __init__(self, tasks: list[SceneTask], make: Callable[[int, SceneTask], SceneRun], ahead: int = 2):
+        self.tasks, self.make, self.ahead = list(enumerate(tasks)), make, ahead
+        self.thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="plan")
+        self.queue: deque[tuple[SceneRun, Future]] = deque()
+
+    def fill(self) -> None:
+        while self.tasks and len(self.queue) < self.ahead:
+            run = self.make(*self.tasks.pop(0))
+            self.queue.append((run, self.thread.submit(run.plan)))
+
+    def __iter__(self) -> Iterator[tuple[SceneRun, list[int] | None]]:
+        """(run, window indices to compute or None when up to date), in task order; a scene that cannot be
+        planned raises its error here, in its turn."""
+        self.fill()
+        while self.queue:
+            run, planned = self.queue.popleft()
+            self.fill()
+            yield run, planned.result()
+
+    def close(self) -> None:
+        """Release what scenes planned ahead hold (their outputs' locks) when the job stops early."""
+        self.tasks = []
+        for run, planned in self.queue:
+            if planned.exception() is None:
+                run.stack.close()
+        self.queue.clear()
+        self.thread.shutdown(wait=True)
 
 
 def resolved(summary: RunSummary) -> Future:

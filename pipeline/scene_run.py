@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -29,8 +30,8 @@ from pipeline.features import Rows
 from pipeline.geopackage import GeoPackageWriter, read_run_metadata
 from pipeline.merge import SceneMerge, SeamRule
 from pipeline.quicklook import Quicklook
-from pipeline.raster import (SceneInfo, band_nodata, compute_scaling, first_look, is_virtual, open_scene,
-                             resolve_bands)
+from pipeline.raster import (Overview, SceneInfo, band_nodata, compute_scaling, first_look, is_virtual, open_scene,
+                             resolve_bands, scaling_mode)
 from pipeline.scenes import fingerprint, scene_identity
 from pipeline.store import TileStore, state_dir
 from pipeline.style import label_name
@@ -75,21 +76,38 @@ def sidecar(output: Path, suffix: str) -> Path:
     return output.with_name(output.stem + suffix)
 
 
-def scene_spec(scene: str, info: SceneInfo, settings: dict[str, Any]) -> SceneSpec:
-    """How workers turn this scene's windows into rows (bands, nodata, scaling, thresholds, plan, rule)."""
+def scene_spec(scene: str, info: SceneInfo, settings: dict[str, Any],
+               look: Callable[[], tuple[Overview | None, list[str]]]) -> SceneSpec:
+    """How workers turn this scene's windows into rows (bands, nodata, scaling, thresholds, plan, rule).
+    `look`: the scene's decimated read, waited for only when the scaling needs its statistics."""
     from pipeline.windows import plan_windows
 
     r, m = settings["run"], settings["merge"]
     bands = resolve_bands(settings["bands"], info.count, scene, info.alpha)
+    overview = look()[0] if scaling_mode(settings, info) == "percentile" else None
     # Workers on other nodes (or in another working directory) get an absolute path.
     return SceneSpec(scene=str(scene) if is_virtual(scene) else os.path.abspath(scene), bands=bands,
                      nodata=band_nodata(settings["nodata"], info, bands, scene),
-                     scaling=compute_scaling(scene, info, settings, bands), masked=info.masked,
+                     scaling=compute_scaling(scene, info, settings, bands, overview), masked=info.masked,
                      score_threshold=float(r["score_threshold"]), mask_threshold=float(r["mask_threshold"]),
                      grid=plan_windows(info.width, info.height, settings["tile"], settings["overlap"]),
                      rule=SeamRule(float(m["iou_threshold"]), float(m["ios_threshold"]), bool(m["class_agnostic"]),
                                    int(m["edge_margin"])),
                      transform=info.transform, crs=info.crs, simplify=float(r["simplify"]))
+
+
+def look_at(scene: str, info: SceneInfo, settings: dict[str, Any]) -> Callable[[], tuple[Overview | None, list[str]]]:
+    """The scene's decimated read (`raster.first_look`: collar check, statistics, the quicklook's picture),
+    started now and waited for when first needed. It decodes every block of a scene without overviews (about
+    a millisecond of CPU per 512 px tile), so with Ray running it is a Ray task, off the driver."""
+    import ray
+
+    bands = resolve_bands(settings["bands"], info.count, scene, info.alpha)
+    nodata = band_nodata(settings["nodata"], info, bands, scene)
+    if ray.is_initialized():
+        ref = ray.remote(num_cpus=0)(first_look).remote(scene, info, bands, nodata)
+        return functools.cache(lambda: ray.get(ref))
+    return functools.cache(lambda: first_look(scene, info, bands, nodata))
 
 
 class SceneRun:
@@ -127,7 +145,8 @@ class SceneRun:
         t = time.perf_counter()
         task = self.task
         self.info = open_scene(task.scene)
-        self.spec = scene_spec(task.scene, self.info, self.settings)
+        self.look = look_at(task.scene, self.info, self.settings)
+        self.spec = scene_spec(task.scene, self.info, self.settings, self.look)
         if not task.keep_other_layers:  # one run per output at a time (a many-scene file: the job holds it)
             self.stack.enter_context(exclusive(task.output))
         # Saved tiles hold settled polygons: everything in the spec (reading, thresholds, plan, seam rule,
@@ -141,15 +160,12 @@ class SceneRun:
             return None
         self.store = TileStore(task.store, key)
         self.summary.stale_state_cleared = self.store.stale
-        # The one decimated read of the scene in the driver: the collar check now, the quicklook's picture later.
-        self.overview, notes = first_look(task.scene, self.info, self.spec.bands, self.spec.nodata)
-        self.summary.warnings += notes
         self.summary.tiles = len(self.spec.grid)
         meter = self.spec.meter
         self.merge = SceneMerge(self.spec.grid, self.spec.rule, partial(union_rows, spec=self.spec, meter=meter))
         self.remaining = set(range(len(self.spec.grid)))
         for saved in self.store.saved(self.number):
-            self.take(saved, saved=True)
+            self.backlog.append(self.take(saved, saved=True))  # written with the first rows of this run
             self.summary.tiles_resumed += 1
         self.planned = self.last_tile = time.perf_counter()
         self.summary.seconds["plan"] = self.planned - t
@@ -209,9 +225,11 @@ class SceneRun:
         self.writer = self.stack.enter_context(GeoPackageWriter(
             task.output, self.info.crs, layer=task.layer, overwrite=True, class_names=self.names,
             keep_other_layers=task.keep_other_layers))
-        if self.settings["run"]["quicklook"] and self.overview is not None:
+        overview, notes = self.look()
+        self.summary.warnings += notes
+        if self.settings["run"]["quicklook"] and overview is not None:
             self.quicklook = Quicklook(task.scene, self.info, self.spec.bands, self.spec.scaling,
-                                       class_names=self.names, overview=self.overview)
+                                       class_names=self.names, overview=overview)
 
     def finish(self) -> RunSummary:
         """Merge what is left, close the output (it appears now), write the sidecars, clean up."""
