@@ -1,6 +1,6 @@
 """Starting or joining Ray: one way for every command that uses it (run, prepare, train --workers).
 
-A Ray started here listens on this machine's loopback only, on ports chosen free (never Ray's fixed defaults,
+A Ray started here listens on this machine's loopback only, on ports the OS picks (never Ray's fixed defaults,
 which a Ray the user already runs may hold), and an interrupt while it starts waits until it has started, so
 that stopping it stops every process it made. An address to join is asked what it is before Ray is let at it:
 Ray retries a wrong address for minutes, with walls of warnings.
@@ -32,26 +32,21 @@ TOKEN_HELP = ("set RAY_AUTH_MODE=token and the cluster's token in RAY_AUTH_TOKEN
 _connected_here: tuple[str, str] | None = None
 
 
+# Ray's fixed default ports: GCS, dashboard, Ray Client, dashboard agent HTTP, autoscaler and dashboard metrics.
+# A Ray the user already runs on this machine holds them; a second Ray collides with it there.
+RAY_DEFAULT_PORTS = (6379, 8265, 10001, 52365, 44217, 44227)
+# The two metrics servers whose ports Ray takes only from its processes' environment; 0: any free port.
+METRICS_PORTS_ANY = {"AUTOSCALER_METRIC_PORT": "0", "DASHBOARD_METRIC_PORT": "0"}
+
+
 @dataclass(frozen=True)
 class RayPorts:
-    """Every port a Ray started on this machine opens, each free when chosen.
-
-    Ray's own defaults are fixed numbers (GCS 6379, dashboard 8265, client 10001, dashboard agent 52365,
-    autoscaler and dashboard metrics 44217 and 44227, workers 10002-19999): a second Ray on the machine
-    collides with the first on them, and a dashboard agent whose port is taken stops the job API.
-    """
+    """The ports of a `ray start --head` on this machine that clients must know, chosen free; every other
+    server of it takes any free port when it binds (port 0: no race with other programs)."""
 
     gcs: int
-    node_manager: int
-    object_manager: int
     dashboard: int
-    dashboard_agent_http: int
-    dashboard_agent_grpc: int
-    metrics_export: int
-    runtime_env_agent: int
     ray_client: int
-    autoscaler_metrics: int
-    dashboard_metrics: int
 
     @classmethod
     def free(cls) -> "RayPorts":
@@ -65,18 +60,11 @@ class RayPorts:
             return cls(*(s.getsockname()[1] for s in sockets))
 
     def start_flags(self) -> list[str]:
-        """`ray start --head` options (workers take ports the OS picks: 0)."""
-        return [f"--port={self.gcs}", f"--node-manager-port={self.node_manager}",
-                f"--object-manager-port={self.object_manager}", f"--dashboard-port={self.dashboard}",
-                f"--dashboard-agent-listen-port={self.dashboard_agent_http}",
-                f"--dashboard-agent-grpc-port={self.dashboard_agent_grpc}",
-                f"--metrics-export-port={self.metrics_export}", f"--runtime-env-agent-port={self.runtime_env_agent}",
-                f"--ray-client-server-port={self.ray_client}", "--min-worker-port=0", "--max-worker-port=0"]
-
-    def environment(self) -> dict[str, str]:
-        """The two metrics servers whose ports Ray reads only from the environment of its processes."""
-        return {"AUTOSCALER_METRIC_PORT": str(self.autoscaler_metrics),
-                "DASHBOARD_METRIC_PORT": str(self.dashboard_metrics)}
+        """`ray start --head` options; run it with METRICS_PORTS_ANY in its environment."""
+        return [f"--port={self.gcs}", f"--dashboard-port={self.dashboard}",
+                f"--ray-client-server-port={self.ray_client}", "--node-manager-port=0", "--object-manager-port=0", "--dashboard-agent-listen-port=0",
+                "--dashboard-agent-grpc-port=0", "--metrics-export-port=0", "--runtime-env-agent-port=0",
+                "--min-worker-port=0", "--max-worker-port=0"]
 
 
 def connect_ray(address: str | None = None, *, num_cpus: int | None = None) -> bool:
@@ -126,8 +114,9 @@ def join_ray(address: str) -> None:
         raise UserError(f"cannot connect to the Ray cluster at {address}: {detail}") from None
 
 
-def start_local_ray(num_cpus: int, ports: RayPorts | None = None) -> None:
-    """Start Ray in this process: on loopback only, on free ports, no dashboard, no worker logs here.
+def start_local_ray(num_cpus: int) -> None:
+    """Start Ray in this process: on loopback only, no dashboard, no worker logs here, and every server on
+    a port the OS picks when it binds, never one of Ray's fixed defaults (RAY_DEFAULT_PORTS).
 
     "local": a new instance even when a `ray start` cluster runs on this machine, which a bare ray.init()
     would silently join. SIGINT and SIGTERM wait until Ray has started (a few seconds), then Ray is shut down
@@ -135,12 +124,11 @@ def start_local_ray(num_cpus: int, ports: RayPorts | None = None) -> None:
     """
     import ray
 
-    ports = ports or RayPorts.free()
     with _handlers_kept_through_init(), _signals_held() as held:
         try:
-            with _loopback_and_ports(ports):
-                ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, dashboard_port=ports.dashboard,
-                         log_to_driver=False, configure_logging=False, _metrics_export_port=ports.metrics_export)
+            with _loopback_and_any_ports():
+                ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, dashboard_port=0,
+                         log_to_driver=False, configure_logging=False)
         except BaseException:
             ray.shutdown()
             raise
@@ -321,33 +309,32 @@ def _deliver(held: list[int]) -> None:
 
 
 @contextlib.contextmanager
-def _loopback_and_ports(ports: RayPorts) -> Iterator[None]:
-    """Make the Ray that ray.init starts listen on loopback only, on `ports`.
+def _loopback_and_any_ports() -> Iterator[None]:
+    """Make the Ray that ray.init starts listen on loopback only, off Ray's fixed default ports.
 
     Ray binds its servers to the node's address, which on Linux is the machine's network address unless
     RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (then it is loopback, as on a laptop); that switch is read when Ray is
-    imported, here and in every process Ray starts (they inherit this environment). ray.init takes no
-    dashboard agent ports: they are given to the parameters it builds.
+    imported, here and in every process Ray starts (they inherit this environment). ray.init picks the GCS
+    port itself and takes no dashboard agent port (52365 unless given): it is given to the parameters it
+    builds.
     """
     from ray._private import parameter, ray_constants
 
-    given = {"gcs_server_port": ports.gcs, "node_manager_port": ports.node_manager,
-             "object_manager_port": ports.object_manager, "dashboard_agent_listen_port": ports.dashboard_agent_http,
-             "metrics_agent_port": ports.dashboard_agent_grpc, "runtime_env_agent_port": ports.runtime_env_agent}
     base = parameter.RayParams
-    accepted = inspect.signature(base).parameters
-    given = {k: v for k, v in given.items() if k in accepted}
 
     class Params(base):  # type: ignore[misc, valid-type]
         def __init__(self, *args: Any, **kwargs: Any):
-            super().__init__(*args, **{**kwargs, **{k: v for k, v in given.items() if kwargs.get(k) is None}})
+            kwargs.setdefault("dashboard_agent_listen_port", 0)
+            super().__init__(*args, **kwargs)
 
-    environment = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", **ports.environment()}
+    environment = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", **METRICS_PORTS_ANY}
     saved = {k: os.environ.get(k) for k in environment}
     os.environ.update(environment)
     try:
-        with mock.patch.object(ray_constants, "ENABLE_RAY_CLUSTER", False), \
-                mock.patch.object(parameter, "RayParams", Params):
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(mock.patch.object(ray_constants, "ENABLE_RAY_CLUSTER", False))
+            if "dashboard_agent_listen_port" in inspect.signature(base).parameters:
+                stack.enter_context(mock.patch.object(parameter, "RayParams", Params))
             yield
     finally:
         for k, v in saved.items():
