@@ -30,8 +30,6 @@ TOKEN_HELP = ("set RAY_AUTH_MODE=token and the cluster's token in RAY_AUTH_TOKEN
               "~/.ray/auth_token)")
 # The connection connect_ray made last (GCS address, job id), for release_ray.
 _connected_here: tuple[str, str] | None = None
-
-
 # Ray's fixed default ports: GCS, dashboard, Ray Client, dashboard agent HTTP, autoscaler and dashboard metrics.
 # A Ray the user already runs on this machine holds them; a second Ray collides with it there.
 RAY_DEFAULT_PORTS = (6379, 8265, 10001, 52365, 44217, 44227)
@@ -62,9 +60,9 @@ class RayPorts:
     def start_flags(self) -> list[str]:
         """`ray start --head` options; run it with METRICS_PORTS_ANY in its environment."""
         return [f"--port={self.gcs}", f"--dashboard-port={self.dashboard}",
-                f"--ray-client-server-port={self.ray_client}", "--node-manager-port=0", "--object-manager-port=0", "--dashboard-agent-listen-port=0",
-                "--dashboard-agent-grpc-port=0", "--metrics-export-port=0", "--runtime-env-agent-port=0",
-                "--min-worker-port=0", "--max-worker-port=0"]
+                f"--ray-client-server-port={self.ray_client}", "--node-manager-port=0", "--object-manager-port=0",
+                "--dashboard-agent-listen-port=0", "--dashboard-agent-grpc-port=0", "--metrics-export-port=0",
+                "--runtime-env-agent-port=0", "--min-worker-port=0", "--max-worker-port=0"]
 
 
 def connect_ray(address: str | None = None, *, num_cpus: int | None = None) -> bool:
