@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import signal
 import sys
 from pathlib import Path
 from typing import Any
 
+from model.cluster import release_ray
 from model.errors import UserError
 
 EXIT_BAD_INPUT, EXIT_INCOMPLETE, EXIT_INTERRUPTED = 2, 3, 130
@@ -53,15 +55,22 @@ def add_training_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+DEBUG_HELP = "show tracebacks and Ray's own messages"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline",
         description="Instance segmentation of large aerial scenes with Swin-Transformer Mask R-CNN.",
     )
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
+    # --debug also after the command (`run x.tif --debug`); SUPPRESS keeps a --debug given before it
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("run", help="tiled inference over GeoTIFF scenes -> GeoPackage of instance polygons")
+    p = sub.add_parser("run", parents=[common],
+                       help="tiled inference over GeoTIFF scenes -> GeoPackage of instance polygons")
     p.add_argument("scenes", nargs="+", metavar="SCENE",
                    help="GeoTIFF (local, COG, /vsicurl/, /vsis3/), a glob pattern ('tiles/*.tif') or a scene list "
                         "(.txt, one per line)")
@@ -80,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--simplify", type=float, help="polygon simplification tolerance in pixels")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("prepare", help="GeoTIFF scenes + labeled vectors -> COCO tiles for training")
+    p = sub.add_parser("prepare", parents=[common], help="GeoTIFF scenes + labeled vectors -> COCO tiles for training")
     p.add_argument("scenes", nargs="+", metavar="SCENE",
                    help="GeoTIFF, glob pattern ('tiles/*.tif') or scene list (.txt, one per line)")
     p.add_argument("--labels", required=True, help="GeoPackage / GeoJSON / Shapefile of polygons, any CRS")
@@ -98,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
                                          "(--out and the scenes must be on storage every node sees)")
     p.set_defaults(func=cmd_prepare)
 
-    p = sub.add_parser("train", help="train Mask R-CNN on prepared COCO tiles")
+    p = sub.add_parser("train", parents=[common], help="train Mask R-CNN on prepared COCO tiles")
     p.add_argument("--config", required=True, help="model config, e.g. configs/swin_t.yaml")
     p.add_argument("--data", required=True, help="a `prepare` output directory")
     p.add_argument("--out", required=True, help="checkpoint path (model.pt); losses go beside it")
@@ -112,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-address", help="with --workers; none: Ray in-process; 'auto' or HOST:PORT: a cluster")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("evaluate", help="COCO bbox and mask AP of a checkpoint on COCO tiles")
+    p = sub.add_parser("evaluate", parents=[common], help="COCO bbox and mask AP of a checkpoint on COCO tiles")
     p.add_argument("checkpoint")
     p.add_argument("--data", required=True, help="COCO tiles directory, e.g. DIR/val")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -120,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="metrics JSON (default: CHECKPOINT.eval.json)")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("compare", help="train + evaluate several backbones identically; one table")
+    p = sub.add_parser("compare", parents=[common], help="train + evaluate several backbones identically; one table")
     p.add_argument("--configs", nargs="+", required=True)
     p.add_argument("--data", required=True)
     add_training_options(p)
@@ -221,9 +230,28 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
+def _not_a_ray_warning(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.ERROR or not (record.name == "ray" or record.name.startswith("ray."))
+
+
+def _show_ray_warnings(show: bool) -> None:
+    """Ray's warnings (its token notice at start-up and the like) are not this tool's messages: only with
+    --debug; its errors always show. Ray is started with configure_logging=False, which leaves its loggers
+    without handlers, so what they print goes through Python's last-resort handler (and `import ray` resets
+    the "ray" logger's level, so the filter goes on that handler)."""
+    if logging.lastResort is not None:
+        if show:
+            logging.lastResort.removeFilter(_not_a_ray_warning)
+        else:
+            logging.lastResort.addFilter(_not_a_ray_warning)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    signal.signal(signal.SIGTERM, _raise_interrupt)  # SIGTERM stops like Ctrl-C: save, report, exit 130
+    # SIGTERM stops like Ctrl-C: save, report, exit 130. In place before any Ray starts (model.cluster keeps
+    # it through ray.init, and holds it while Ray's processes start so that stopping them stops them all).
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    _show_ray_warnings(args.debug)
     try:
         return args.func(args)
     except UserError as exc:
@@ -243,3 +271,5 @@ def main(argv: list[str] | None = None) -> int:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         print(f"error: {type(exc).__name__}: {first} (rerun with --debug for the traceback)", file=sys.stderr)
         return 1
+    finally:
+        release_ray()  # whatever path ends the command: no Ray processes of this run stay behind

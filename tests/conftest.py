@@ -7,12 +7,13 @@ import pytest
 
 @pytest.fixture(scope="module")
 def ray_session():
-    """A small in-process Ray (2 CPUs, no dashboard) for one test module, shut down after it.
+    """A small in-process Ray (2 CPUs) for one test module, shut down after it.
 
-    `address="local"` starts a new instance even when another Ray runs on this machine (a bare
-    ray.init() would join it)."""
-    import ray
+    Started the way the commands start it (model.cluster.start_local_ray): a new instance even when another
+    Ray runs on this machine, on loopback only, every port chosen free (never Ray's defaults, which another
+    Ray on the machine may hold)."""
+    from model.cluster import shutdown_ray, start_local_ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    start_local_ray(num_cpus=2)
     yield
-    ray.shutdown()
+    shutdown_ray()

@@ -11,8 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-import ray
-
+from model.cluster import shutdown_ray, start_local_ray
 from pipeline.run import run_scene
 from tests.benchmarks.common import BrightSquares, PeakMemory, generate_scene, machine, publish
 
@@ -26,7 +25,7 @@ def main() -> None:
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     print(f"machine: {machine()}")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    start_local_ray(num_cpus=2)
     try:
         results, lines = {}, []
         for size in args.sizes:
@@ -49,7 +48,7 @@ def main() -> None:
             lines.append(f"peak memory (PSS) ratio {large}^2 / {small}^2: {results[large] / results[small]:.2f}")
         publish("Memory", "python -m tests.benchmarks.bench_memory " + " ".join(sys.argv[1:]), lines)
     finally:
-        ray.shutdown()
+        shutdown_ray()
 
 
 if __name__ == "__main__":

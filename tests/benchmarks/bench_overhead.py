@@ -75,11 +75,11 @@ def main() -> None:
         return plain_loop(str(generate_scene(Path(args.workdir) / f"scene_{args.size}.tif", args.size)),
                           args.checkpoint, args.tile, args.overlap, args.batch_size, args.threads,
                           args.score_threshold)
-    import ray
     import torch
 
     from model.builder import build_model
     from model.checkpoint import save_checkpoint
+    from model.cluster import shutdown_ray, start_local_ray
     from model.config import load_config
     from pipeline.run import run_scene
 
@@ -106,7 +106,7 @@ def main() -> None:
                  f"in {plain:.1f} s ({n_tiles / plain:.2f} tiles/s); {default / plain:.2f}x the default's tiles/s")
     print(lines[-1])
 
-    ray.init(address="local", num_cpus=cores, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    start_local_ray(num_cpus=cores)
     try:
         timings = {}
         per_worker = max(1, cores // 2)
@@ -130,7 +130,7 @@ def main() -> None:
         publish("Overhead and worker scaling", "python -m tests.benchmarks.bench_overhead " + " ".join(sys.argv[1:]),
                 lines)
     finally:
-        ray.shutdown()
+        shutdown_ray()
 
 
 if __name__ == "__main__":

@@ -105,11 +105,10 @@ def child(args: argparse.Namespace) -> None:
     with PeakMemory() as mem:
         t = time.perf_counter()  # both clocks include loading the model, as a user's run does
         if args.tool == "ours":
-            import ray
-
+            from model.cluster import shutdown_ray, start_local_ray
             from pipeline.run import run_scene
 
-            ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+            start_local_ray(num_cpus=2)
             started = time.perf_counter() - t
             out = Path(args.workdir) / f"ours_{args.part}.gpkg"
             if args.part == "seams":
@@ -125,7 +124,7 @@ def child(args: argparse.Namespace) -> None:
             run_scene(args.scene, out, tile=TILE, overlap=OVERLAP, batch_size=2, scaling="divide255",
                       score_threshold=SCORE, overwrite=True, progress=False, workers=args.workers,
                       threads_per_worker=args.threads, layer="result", **kwargs)
-            ray.shutdown()
+            shutdown_ray()
             seconds = time.perf_counter() - t
             import geopandas as gpd
 
