@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from model.cluster import connect_ray
+from model.cluster import connect_ray, shutdown_ray
 from model.errors import UserError
 from pipeline.worker import SceneSpec, TileOutput, TileWorker
 
@@ -43,10 +43,18 @@ class RayPool:
         self.stats = PoolStats()
 
     def __enter__(self) -> RayPool:
+        self.started_ray = connect_ray(self.run["ray_address"])
+        try:
+            self.start_actors()
+        except BaseException:
+            self.__exit__(None, None, None)  # nothing this pool started stays behind
+            raise
+        return self
+
+    def start_actors(self) -> None:
         import ray
 
         r = self.run
-        self.started_ray = connect_ray(r["ray_address"])
         total_cpus = float(ray.cluster_resources().get("CPU", 1.0))
         workers = int(r["workers"])
         threads = int(r["threads_per_worker"] or max(1, int(total_cpus // workers)))
@@ -68,11 +76,9 @@ class RayPool:
         try:  # the model loads in each actor's constructor: say so once, clearly, if it cannot
             ray.get([actor.ready.remote() for actor in self.actors])
         except ray.exceptions.RayError as exc:
-            self.__exit__(None, None, None)
             cause = getattr(exc, "cause", None) or exc
             detail = str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__
             raise UserError(f"the Ray workers could not start the model: {detail}") from None
-        return self
 
     def spawn(self) -> Any:
         return self.actor_class.remote(self.predictor, self.threads)
@@ -84,7 +90,7 @@ class RayPool:
             ray.kill(actor)
         self.actors = []
         if self.started_ray:
-            ray.shutdown()
+            shutdown_ray()
 
     def map(self, batches: Iterator[Batch]) -> Iterator[list[TileOutput]]:
         """Yield each batch's outputs as it completes (not in order), pulling batches only as actors have

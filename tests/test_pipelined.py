@@ -1,0 +1,105 @@
+"""Scenes flow into each other: a many-scene job gives exactly what running the scenes one by one gives,
+keeps the workers busy across a scene boundary, and resumes with every row."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pyogrio
+from affine import Affine
+
+from pipeline.batch import run_scenes
+from pipeline.run import run_scene
+from tests.oracle import OraclePredictor, paint_objects, write_scene
+
+TILE, OVERLAP = 128, 32
+OPTIONS = {"tile": TILE, "overlap": OVERLAP, "scaling": "divide255", "progress": False}
+
+
+class SlowOracle(OraclePredictor):
+    """The oracle taking a fixed time per tile, as a model does."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def __call__(self, images):
+        time.sleep(self.seconds * len(images))
+        return super().__call__(images)
+
+
+def scene(path: Path, height: int, width: int, x0: float) -> str:
+    ids, classes = paint_objects(height, width, TILE, OVERLAP)
+    write_scene(path, ids, classes, "EPSG:32616", Affine(0.5, 0, x0, 0, -0.5, 3725140.0))
+    return str(path)
+
+
+def rows(path: Path) -> list[tuple]:
+    """Every row in file order: geometry, class, score, area."""
+    frame = pyogrio.read_dataframe(path)
+    return [(g.wkb, r.class_id, r.class_name, round(float(r.score), 6), round(float(r.area_m2), 6))
+            for g, r in zip(frame.geometry, frame.itertuples())]
+
+
+def test_a_two_scene_job_equals_the_scenes_one_by_one_and_keeps_the_workers_busy(tmp_path, ray_session):
+    first = scene(tmp_path / "first.tif", 250, 250, 733600.0)
+    second = scene(tmp_path / "second.tif", 200, 300, 734000.0)
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    for s in (first, second):
+        run_scene(s, alone / f"{Path(s).stem}.gpkg", predictor=OraclePredictor(), **OPTIONS)
+    job = tmp_path / "job"
+    job.mkdir()
+    # 9 windows in the first scene, batches of 4: the third batch holds its last window and the second
+    # scene's first three, which the model computes together.
+    summaries = list(run_scenes([first, second], SlowOracle(0.25), None, out_dir=job, batch_size=4, workers=1,
+                                threads_per_worker=1, **OPTIONS))
+    for s in (first, second):
+        name = f"{Path(s).stem}.gpkg"
+        assert rows(job / name) == rows(alone / name) and len(rows(job / name)) > 5
+    one, two = summaries
+    assert one.complete and two.complete
+    # The second scene's first tile was computed while the first scene was still being merged and written.
+    assert two.timeline["first_tile"] < one.timeline["written"]
+
+
+class QuitAfter(OraclePredictor):
+    """The oracle that stops working (raises) after a number of tiles while a flag file exists: a run that
+    fails part-way, keeping the tiles it finished."""
+
+    def __init__(self, flag: str, tiles: int):
+        self.flag, self.tiles, self.seen = flag, tiles, 0
+
+    def __call__(self, images):
+        self.seen += len(images)
+        if os.path.exists(self.flag) and self.seen > self.tiles:
+            raise RuntimeError("stopped on purpose")
+        return super().__call__(images)
+
+
+def test_a_resumed_run_writes_the_rows_of_its_saved_tiles(tmp_path, ray_session):
+    """Objects wholly inside the first windows are settled there; resumed from saved tiles, their rows must
+    be written like any other (they are released while the saved tiles are replayed)."""
+    height, width = 200, 420
+    ids = np.zeros((height, width), dtype=np.uint8)
+    classes = np.zeros_like(ids)
+    for k, (r, c) in enumerate([(20, 20), (20, 60), (40, 40), (150, 380), (90, 200)]):  # 3 private to window 0
+        ids[r:r + 12, c:c + 15] = k + 1
+        classes[r:r + 12, c:c + 15] = 1
+    path = tmp_path / "sparse.tif"
+    write_scene(path, ids, classes, "EPSG:32616", Affine(0.5, 0, 733600.0, 0, -0.5, 3725140.0))
+    reference = tmp_path / "reference.gpkg"
+    run_scene(str(path), reference, predictor=OraclePredictor(), **OPTIONS)
+    flag = tmp_path / "stop"
+    flag.touch()
+    out = tmp_path / "out.gpkg"
+    predictor = QuitAfter(str(flag), tiles=2)
+    partial = run_scene(str(path), out, predictor=predictor, batch_size=1, workers=1, **OPTIONS)
+    saved = partial.tiles - len(partial.failed)  # 2 computed, and the blank windows (no-data: never computed)
+    assert not partial.complete and saved - partial.tiles_nodata == 2
+    flag.unlink()
+    resumed = run_scene(str(path), out, predictor=predictor, batch_size=1, workers=1, **OPTIONS)
+    assert resumed.complete and resumed.tiles_resumed == saved
+    assert sorted(rows(out)) == sorted(rows(reference)) and len(rows(out)) == 5
