@@ -25,14 +25,15 @@ from tests.benchmarks.standin import StandIn, object_scene
 
 
 def ray_processes() -> dict[str, list[psutil.Process]]:
-    """This driver's Ray processes: model workers (`ray::...` actors) and Ray's own daemons."""
+    """This driver's Ray processes: workers (`ray::...`: the model actors, and the pooled processes that run
+    tasks such as the overview read and the quicklook page) and Ray's own daemons (GCS, raylet, agents)."""
     found: dict[str, list[psutil.Process]] = {"workers": [], "daemons": []}
     for proc in psutil.Process().children(recursive=True):
         try:
             title = " ".join(proc.cmdline())
         except psutil.Error:
             continue
-        found["workers" if title.startswith("ray::") and "IDLE" not in title else "daemons"].append(proc)
+        found["workers" if title.startswith("ray::") else "daemons"].append(proc)
     return found
 
 
@@ -78,7 +79,7 @@ def one_job(scenes: list[str], layouts, seconds: float, workers: int, args, work
     return (f"{seconds * 1000:.0f} ms/tile, {workers} worker(s): {tiles} tiles, {objects} objects in {wall:.1f} s: "
             f"{tiles / wall:.1f} tiles/s (ideal {tiles / ideal:.1f}), "
             f"efficiency {ideal / wall:.2f}; CPU ms per tile: driver {driver / tiles * 1000:.1f}, "
-            f"workers {(used['workers'] - standin) / tiles * 1000:.1f} (+ stand-in {standin / tiles * 1000:.1f}), "
+            f"workers and tasks {(used['workers'] - standin) / tiles * 1000:.1f} (+ stand-in {standin / tiles * 1000:.1f}), "
             f"Ray daemons {used['daemons'] / tiles * 1000:.1f}")
 
 
