@@ -81,6 +81,21 @@ def atomic_path(path: str | Path, overwrite: bool = True) -> Iterator[Path]:
         raise
 
 
+def remove_leftovers(path: str | Path) -> list[Path]:
+    """Delete the temporary files an earlier run killed mid-write left beside `path` (`atomic_path`'s
+    `.NAME.*.partial*`). Call it only while holding `path` (`exclusive`): no other run writes them then."""
+    path = Path(path)
+    found = [p for p in path.parent.glob(f".{glob_escape(path.name)}.*.partial*") if p.is_file()]
+    for leftover in found:
+        leftover.unlink(missing_ok=True)
+    return found
+
+
+def glob_escape(name: str) -> str:
+    """A file name as a glob pattern matching only itself (`[`, `*`, `?` taken literally)."""
+    return "".join(f"[{c}]" if c in "[]*?" else c for c in name)
+
+
 def sync(path: Path) -> None:
     """Flush a written file to the disk (once per output, so writers may skip syncing as they go)."""
     fd = os.open(path, os.O_RDONLY)

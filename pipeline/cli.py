@@ -43,6 +43,8 @@ def add_reading_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bands", type=_bands, help="1-based scene bands for the 3 model channels, e.g. 1,1,1")
     p.add_argument("--nodata", type=_nodata, help="the value of pixels that are not image (e.g. an orthomosaic's "
                                                  "white collar: 255), over the scene's own; or one per band: 0,0,0")
+    p.add_argument("--min-part-px", type=int, help="drop parts of a multipart object under this many pixels "
+                                                  "(specks; the object's largest part always stays; 0 keeps all)")
     p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing output")
 
 
@@ -87,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-worker", type=float)
     p.add_argument("--threads-per-worker", type=int, help="torch threads per actor (default: cores / workers)")
     p.add_argument("--simplify", type=float, help="polygon simplification tolerance in pixels")
+    p.add_argument("--min-area", dest="min_area", type=float,
+                   help="leave out objects under this many square metres (true area on the ellipsoid)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("prepare", parents=[common], help="GeoTIFF scenes + labeled vectors -> COCO tiles for training")
@@ -149,8 +153,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.scenes import expand_scenes
     from pipeline.settings import load_settings, settings_overrides
 
-    options = _options(args, ["tile", "overlap", "bands", "nodata", "batch_size", "score_threshold", "device",
-                              "ray_address", "workers", "gpus_per_worker", "threads_per_worker", "simplify"])
+    options = _options(args, ["tile", "overlap", "bands", "nodata", "min_part_px", "min_area", "batch_size",
+                              "score_threshold", "device", "ray_address", "workers", "gpus_per_worker",
+                              "threads_per_worker", "simplify"])
     if args.overwrite:
         options["overwrite"] = True
     settings = load_settings(args.config, settings_overrides(options))  # refuse bad options before any work
@@ -159,7 +164,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     output = Path(args.output) if args.output else None
     out_dir = Path(args.out_dir) if args.out_dir else None
     if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"{out_dir}: cannot create the output directory ({exc.strerror})") from None
     # Every scene's output is checked before Ray starts and the model loads: bad input answers at once.
     tasks = plan_tasks(scenes, settings, output=output, out_dir=out_dir, inputs=[predictor.checkpoint, args.config])
     code = 0
@@ -175,8 +183,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from pipeline.prepare import Interrupted, prepare
     from pipeline.settings import load_settings, settings_overrides
 
-    options = _options(args, ["tile", "overlap", "bands", "nodata", "class_field", "class_name", "min_area_px",
-                              "empty_fraction", "val_fraction", "seed"])
+    options = _options(args, ["tile", "overlap", "bands", "nodata", "min_part_px", "class_field", "class_name",
+                              "min_area_px", "empty_fraction", "val_fraction", "seed"])
     overrides = settings_overrides(options)
     # --workers and --ray-address share their flat names with `run`'s keys; here they are prepare's.
     overrides.setdefault("prepare", {}).update(_options(args, ["workers", "ray_address"]))

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from scipy import ndimage
 import rasterio.features
 from affine import Affine
 from pycocotools import mask as mask_utils
@@ -32,10 +33,25 @@ def segmentation_of(mask: np.ndarray) -> list[list[float]] | dict[str, Any]:
     return [[float(v) for v in np.asarray(poly.exterior.coords)[:-1].ravel()] for poly in outlines]
 
 
-def annotation_body(geom: Any, window_transform: Affine, height: int, width: int,
-                    min_area_px: float) -> dict[str, Any] | None:
-    """segmentation, bbox [x, y, w, h], area (pixels) and iscrowd of `geom` in one tile; None if too small."""
-    mask = burn(geom, window_transform, height, width)
+def without_specks(mask: np.ndarray, min_part_px: int) -> np.ndarray:
+    """The mask without its 4-connected parts under `min_part_px` pixels, its largest part always kept."""
+    if min_part_px <= 0 or not mask.any():
+        return mask
+    labels, count = ndimage.label(mask)
+    if count <= 1:
+        return mask
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    keep = (sizes >= min_part_px) | (sizes == sizes.max())
+    keep[0] = False
+    return keep[labels].astype(mask.dtype)
+
+
+def annotation_body(geom: Any, window_transform: Affine, height: int, width: int, min_area_px: float,
+                    min_part_px: int = 0) -> dict[str, Any] | None:
+    """segmentation, bbox [x, y, w, h], area (pixels) and iscrowd of `geom` in one tile; None if too small.
+    Parts under `min_part_px` pixels are left out (but the largest), as `run` leaves them out of its output."""
+    mask = without_specks(burn(geom, window_transform, height, width), min_part_px)
     area = int(mask.sum())
     if area == 0 or area < min_area_px:
         return None

@@ -67,13 +67,14 @@ class Rows:
 
     @classmethod
     def of(cls, keys: list[tuple[int, int]], geoms: np.ndarray, class_ids: list[int], scores: list[float],
-           meter: AreaMeter) -> Rows:
-        """Rows of geometries, leaving out any that a repair reduced to nothing."""
+           meter: AreaMeter, min_area: float = 0.0) -> Rows:
+        """Rows of geometries, leaving out any that a repair reduced to nothing or under `min_area` m^2."""
         present = ~shapely.is_empty(geoms) if len(geoms) else np.zeros(0, dtype=bool)
-        geoms = geoms[present]
-        return cls(np.asarray(keys, dtype=np.int64).reshape(-1, 2)[present], list(shapely.to_wkb(geoms)),
-                   np.asarray(class_ids, dtype=np.int64)[present], np.asarray(scores, dtype=np.float64)[present],
-                   meter.areas(geoms))
+        areas = meter.areas(geoms[present])
+        keep = np.flatnonzero(present)[areas >= min_area]
+        return cls(np.asarray(keys, dtype=np.int64).reshape(-1, 2)[keep], list(shapely.to_wkb(geoms[keep])),
+                   np.asarray(class_ids, dtype=np.int64)[keep], np.asarray(scores, dtype=np.float64)[keep],
+                   areas[areas >= min_area])
 
     def __len__(self) -> int:
         return len(self.wkb)

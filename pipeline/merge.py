@@ -343,7 +343,9 @@ class SceneMerge:
                 keep += members
         self.pending = keep
         self.first_pending = min((m.tile for m in keep), default=len(self.grid))
-        single = [o for o in resolved if o.view is not None]
+        # A view's own outline is missing when the worker left it out (under the minimum area, or nothing left
+        # after a repair): its object is left out the same way.
+        single = [o for o in resolved if o.view is not None and o.view.key in self.own]
         self.wait(Rows(np.array([o.key for o in single], dtype=np.int64).reshape(-1, 2),
                        [self.own[o.view.key][0] for o in single],
                        np.array([o.label for o in single], dtype=np.int64),

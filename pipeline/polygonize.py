@@ -29,15 +29,19 @@ STEP = np.array([[1, 0], [0, 1], [-1, 0], [0, -1]])
 START = np.array([[0, 0], [1, 0], [1, 1], [0, 1]])
 
 
-def masks_to_geometries(masks: Sequence[Placed], scene_transform: Affine, simplify_px: float = 0.0) -> np.ndarray:
+def masks_to_geometries(masks: Sequence[Placed], scene_transform: Affine, simplify_px: float = 0.0,
+                        min_part_px: int = 0) -> np.ndarray:
     """One MultiPolygon (holes and parts kept) per non-empty mask, in map coordinates.
 
-    Simplification runs in pixel space, so `simplify_px` means the same on every scene whatever its CRS
-    units; the affine comes last, so rotated and sheared grids are exact too.
+    A part of a multipart object smaller than `min_part_px` pixels is left out (specks next to the object);
+    an object's largest part always stays. Simplification runs in pixel space, so `simplify_px` means the same
+    on every scene whatever its CRS units; the affine comes last, so rotated and sheared grids are exact too.
     """
     if not len(masks):
         return np.zeros(0, dtype=object)
     geoms = trace(masks)
+    if min_part_px > 0:
+        geoms = without_specks(geoms, min_part_px)
     if simplify_px > 0:  # traced outlines are valid by construction; simplified ones may not be
         geoms = shapely.simplify(geoms, simplify_px, preserve_topology=True)
         for k in np.flatnonzero(~shapely.is_valid(geoms)):
@@ -47,6 +51,18 @@ def masks_to_geometries(masks: Sequence[Placed], scene_transform: Affine, simpli
     t = scene_transform
     matrix = np.array([[t.a, t.b], [t.d, t.e]])
     return shapely.transform(geoms, lambda xy: xy @ matrix.T + (t.c, t.f))
+
+
+def without_specks(geoms: np.ndarray, min_part_px: int) -> np.ndarray:
+    """MultiPolygons (pixel coordinates) without the parts under `min_part_px` pixels, but their largest."""
+    parts, owner = shapely.get_parts(geoms, return_index=True)
+    area = shapely.area(parts)
+    largest = np.zeros(len(geoms))
+    np.maximum.at(largest, owner, area)
+    keep = (area >= min_part_px) | (area == largest[owner])
+    if keep.all():
+        return geoms
+    return shapely.multipolygons(parts[keep], indices=owner[keep])
 
 
 def strip(masks: Sequence[Placed]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -26,6 +26,8 @@ Batch = tuple[dict[int, SceneSpec], list[tuple[int, int]]]  # specs by scene num
 class PoolStats:
     resubmitted_tiles: int = 0
     replaced_workers: int = 0
+    out_of_memory: int = 0  # workers Ray's memory monitor killed
+    in_flight: int = 0  # batches queued per worker now (fewer after a worker was killed for memory)
 
 
 def failed(batch: Batch, reason: str) -> list[TileOutput]:
@@ -100,12 +102,12 @@ class RayPool:
         retry: list[tuple[Batch, int]] = []  # (batch, attempts so far)
         pending: dict[Any, tuple[int, Any, Batch, int]] = {}
         load = [0] * len(self.actors)
-        limit = int(self.run["batches_in_flight"])
+        self.stats.in_flight = self.stats.in_flight or int(self.run["batches_in_flight"])
 
         def submit() -> None:
             while True:
                 slot = min(range(len(self.actors)), key=load.__getitem__)
-                if load[slot] >= limit:
+                if load[slot] >= self.stats.in_flight:
                     return
                 if retry:
                     batch, attempts = retry.pop()
@@ -125,7 +127,12 @@ class RayPool:
             try:
                 results = ray.get(done[0])
             except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError,
-                    ray.exceptions.ObjectLostError) as exc:
+                    ray.exceptions.ObjectLostError, ray.exceptions.OutOfMemoryError) as exc:
+                if isinstance(exc, ray.exceptions.OutOfMemoryError) or "OutOfMemory" in str(exc):
+                    # Ray's memory monitor killed it: a lost worker like any other, and less work queued
+                    # at once from now on, so the next one is less likely to go the same way.
+                    self.stats.out_of_memory += 1
+                    self.stats.in_flight = max(1, self.stats.in_flight - 1)
                 if self.actors[slot] is actor:  # first news of this loss: replace the actor
                     ray.kill(actor)
                     self.actors[slot] = self.spawn()

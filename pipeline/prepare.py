@@ -70,6 +70,7 @@ class Part:
     labels: list[bytes]  # WKB in the scene's CRS
     classes: list[str]  # class name of each label
     min_area_px: float
+    min_part_px: int
     empty_fraction: float
     seed: int
     key: str  # fingerprint: the name of the part's saved result
@@ -89,6 +90,8 @@ def check_out_dir(out: Path, overwrite: bool) -> None:
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
         raise UserError(f"{out}: parent directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"{out}: parent directory {parent} is not writable")
 
 
 def prepare(scenes: list[str], labels: str, out_dir: str | Path, settings: dict[str, Any],
@@ -170,7 +173,8 @@ def plan_scene(scene: str, scene_index: int, frame: gpd.GeoDataFrame, settings: 
                            "labels": labels_digest(wkb, classes)})
         parts.append(Part(scene=scene, path=path, scene_index=scene_index, info=info, bands=bands, nodata=nodata,
                           first_window=first, windows=boxes, sides=part_sides, labels=wkb, classes=classes,
-                          min_area_px=float(p["min_area_px"]), empty_fraction=float(p["empty_fraction"]),
+                          min_area_px=float(p["min_area_px"]), min_part_px=int(settings["min_part_px"]),
+                          empty_fraction=float(p["empty_fraction"]),
                           seed=int(p["seed"]), key=key))
     return parts
 
@@ -360,7 +364,7 @@ def cut_part(part: Part, scaling: Scaling, staging: Path) -> dict[str, Any]:
         w_transform = rasterio.windows.transform(window.to_window(), part.info.transform)
         objects = []
         for i in np.sort(tree.query(window_box(window, part.info), predicate="intersects")):
-            body = annotation_body(geoms[i], w_transform, h, w, part.min_area_px)
+            body = annotation_body(geoms[i], w_transform, h, w, part.min_area_px, part.min_part_px)
             if body is None:
                 counts["dropped_small"] += 1
                 continue

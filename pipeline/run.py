@@ -115,7 +115,7 @@ def run_job(tasks: list[SceneTask], predictor: Callable, settings: dict[str, Any
     try:
         if active is None:
             active = RayPool(predictor, settings).__enter__()
-        stats = (active.stats.resubmitted_tiles, active.stats.replaced_workers)
+        stats = (active.stats.resubmitted_tiles, active.stats.replaced_workers, active.stats.out_of_memory)
         for outputs in active.map(batches()):
             for out in outputs:
                 run = runs[out.scene]
@@ -125,6 +125,11 @@ def run_job(tasks: list[SceneTask], predictor: Callable, settings: dict[str, Any
                 if run.complete:
                     run.summary.resubmitted_tiles = active.stats.resubmitted_tiles - stats[0]
                     run.summary.worker_restarts = active.stats.replaced_workers - stats[1]
+                    if active.stats.out_of_memory > stats[2]:
+                        run.summary.warnings.append(
+                            f"{active.stats.out_of_memory - stats[2]} worker(s) killed by Ray's memory monitor were "
+                            f"replaced and their tiles computed again; batches queued per worker lowered to "
+                            f"{active.stats.in_flight} (lower --batch-size or run fewer --workers per machine)")
                     hand_over(run)
             bar.update(len(outputs))
             bar.set_postfix(instances=sum(r.summary.raw_instances for r in runs.values()))

@@ -25,7 +25,7 @@ import numpy as np
 import shapely
 
 from model.errors import UserError
-from model.files import atomic_path, check_not_input, check_writable, exclusive, lock_path
+from model.files import atomic_path, check_not_input, check_writable, exclusive, lock_path, remove_leftovers
 from pipeline.features import Rows
 from pipeline.geopackage import GeoPackageWriter, read_run_metadata
 from pipeline.merge import SceneMerge, SeamRule
@@ -93,7 +93,8 @@ def scene_spec(scene: str, info: SceneInfo, settings: dict[str, Any],
                      grid=plan_windows(info.width, info.height, settings["tile"], settings["overlap"]),
                      rule=SeamRule(float(m["iou_threshold"]), float(m["ios_threshold"]), bool(m["class_agnostic"]),
                                    int(m["edge_margin"])),
-                     transform=info.transform, crs=info.crs, simplify=float(r["simplify"]))
+                     transform=info.transform, crs=info.crs, simplify=float(r["simplify"]),
+                     min_part_px=int(settings["min_part_px"]), min_area=float(r["min_area"]))
 
 
 def look_at(scene: str, info: SceneInfo, settings: dict[str, Any]) -> Callable[[], tuple[Overview | None, list[str]]]:
@@ -129,6 +130,7 @@ class SceneRun:
         self.quicklook: Quicklook | None = None
         self.backlog: list[Rows] = []  # rows waiting for the output to open (after `previous` is written)
         self.finished = False
+        self.written = 0  # rows in the output
         self.busy = 0.0  # seconds of the main thread spent on this scene's tiles
 
     # --- main thread ---------------------------------------------------------------------------------
@@ -149,6 +151,8 @@ class SceneRun:
         self.spec = scene_spec(task.scene, self.info, self.settings, self.look)
         if not task.keep_other_layers:  # one run per output at a time (a many-scene file: the job holds it)
             self.stack.enter_context(exclusive(task.output))
+        for path in (task.output, sidecar(task.sidecar_base, ".quicklook.png"), sidecar(task.sidecar_base, ".report.json")):
+            remove_leftovers(path)  # what a run killed while writing left (the output is held: none is live)
         # Saved tiles hold settled polygons: everything in the spec (reading, thresholds, plan, seam rule,
         # georeferencing, simplification) decides them.
         key = fingerprint({"scene": scene_identity(task.scene), "predictor": self.identity, "spec": self.spec})
@@ -217,6 +221,7 @@ class SceneRun:
         for start in range(0, len(rows), WRITE_BATCH):
             batch = rows.take(np.arange(start, min(start + WRITE_BATCH, len(rows))))
             self.writer.write(batch, [label_name(self.names, c) for c in batch.class_ids.tolist()])
+            self.written += len(batch)
             if self.quicklook is not None:
                 self.quicklook.draw(shapely.from_wkb(batch.wkb), batch.class_ids.tolist())
 
@@ -238,17 +243,14 @@ class SceneRun:
         summary.seconds["tiles"] = self.last_tile - self.planned
         self.backlog.append(self.merge.flush(last=True))
         self.write_backlog()
-        summary.merged_instances = self.merge.objects
+        summary.merged_instances = self.written
+        summary.left_out = self.merge.objects - self.written
         summary.tiles_nodata = self.nodata
         grid = self.spec.grid
         summary.failed = [{"window": [grid[i].col0, grid[i].row0, grid[i].width, grid[i].height], "error": e}
                           for i, e in sorted(self.failed.items())]
-        if summary.merged_instances == 0 and summary.raw_instances == 0:
-            best = summary.best_dropped_score
-            summary.warnings.append(
-                f"no object kept: the model scored nothing at or above the score threshold "
-                f"{summary.score_threshold:g}" + (f" (highest score seen {best:.3f}; lower --score-threshold to "
-                                                  "keep weaker detections)" if best >= 0 else " (no detection at all)"))
+        if summary.merged_instances == 0:
+            summary.warnings.append(nothing_kept(summary))
         summary.seconds["driver on tiles"] = self.busy
         metadata = {**self.describe(summary), "result_fingerprint": self.result_key}
         self.writer.set_metadata(metadata)
@@ -266,6 +268,16 @@ class SceneRun:
     def abort(self) -> None:
         """Stop without an output: the temporary file goes, saved tiles and the input stay."""
         self.stack.__exit__(KeyboardInterrupt, KeyboardInterrupt(), None)
+
+
+def nothing_kept(summary: RunSummary) -> str:
+    """Why an output holds no object, and what to try: an empty layer must not look like a finished survey."""
+    if summary.raw_instances:
+        return (f"no object kept: all {summary.left_out} objects were under --min-area (or reduced to nothing)")
+    best = summary.best_dropped_score
+    return ("no object kept: the model scored nothing at or above the score threshold "
+            f"{summary.score_threshold:g}" + (f" (highest score seen {best:.3f}; lower --score-threshold to keep "
+                                              "weaker detections)" if best >= 0 else " (no detection at all)"))
 
 
 def write_report(path: Path, summary: RunSummary, metadata: dict[str, Any]) -> None:

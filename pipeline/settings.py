@@ -18,6 +18,7 @@ DEFAULTS: dict[str, Any] = {
     "scaling": "auto",  # auto | divide255 | percentile | range  (see pipeline/raster.py)
     "percentiles": [2.0, 98.0],  # for scaling: percentile, and auto on non-8-bit data
     "value_range": None,  # [low, high] for scaling: range (same scaling for every scene)
+    "min_part_px": 4,  # parts of a multipart object under this many pixels are dropped (specks), run and prepare
     "nodata": None,  # overrides the scene's declared nodata value: one number, or a list of one per scene band
     "prepare": {
         "class_field": None,  # label attribute holding the class name
@@ -42,6 +43,7 @@ DEFAULTS: dict[str, Any] = {
         "gpus_per_worker": 1.0,  # used only with device cuda
         "threads_per_worker": None,  # torch threads per worker; None: cores / workers
         "batches_in_flight": 2,  # per worker: bounds memory whatever the scene size
+        "min_area": 0.0,  # objects under this many square metres (true area) are left out
         "simplify": 0.0,  # polygon simplification tolerance in pixels (0: exact pixel outlines)
         "layer": None,  # GeoPackage layer name; None: named after the scene
         "quicklook": True,  # OUTPUT.quicklook.png: the scene overview with the polygons outlined
@@ -110,6 +112,10 @@ def validate(s: dict[str, Any]) -> None:
         raise UserError(f"workers must be an integer in [1, 1024], got {r['workers']!r}")
     if not 0 < r["gpus_per_worker"] <= 8:
         raise UserError(f"gpus_per_worker must be in (0, 8], got {r['gpus_per_worker']!r}")
+    if not isinstance(s["min_part_px"], int) or s["min_part_px"] < 0:
+        raise UserError(f"min_part_px must be an integer number of pixels >= 0, got {s['min_part_px']!r}")
+    if not isinstance(r["min_area"], (int, float)) or r["min_area"] < 0:
+        raise UserError(f"min_area must be a number of square metres >= 0, got {r['min_area']!r}")
     if r["batches_in_flight"] < 1 or r["simplify"] < 0:
         raise UserError("batches_in_flight must be >= 1 and simplify >= 0")
     if r["precision"] not in ("auto", "float32", "float16", "bfloat16"):

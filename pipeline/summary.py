@@ -25,7 +25,8 @@ class RunSummary:
     tiles_resumed: int = 0
     failed: list[dict[str, Any]] = field(default_factory=list)  # {"window": [col, row, w, h], "error": ...}
     raw_instances: int = 0
-    merged_instances: int = 0
+    merged_instances: int = 0  # objects in the output
+    left_out: int = 0  # objects under --min-area (or reduced to nothing by a repair)
     resubmitted_tiles: int = 0
     worker_restarts: int = 0
     stale_state_cleared: bool = False
@@ -51,7 +52,8 @@ class RunSummary:
             f"  tiles: {self.tiles} ({self.tiles_nodata} all-nodata skipped, {self.tiles_resumed} resumed from "
             f"a previous run, {self.resubmitted_tiles} re-submitted after a lost worker, "
             f"{self.worker_restarts} lost workers replaced)",
-            f"  instances: {self.raw_instances} from tiles -> {self.merged_instances} after the seam merge",
+            f"  instances: {self.raw_instances} from tiles -> {self.merged_instances} after the seam merge"
+            + (f" ({self.left_out} under --min-area left out)" if self.left_out else ""),
             "  seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in self.seconds.items()),
         ]
         out += [f"  warning: {w}" for w in self.warnings]

@@ -46,6 +46,8 @@ class SceneSpec:
     transform: Affine
     crs: str  # WKT
     simplify: float = 0.0
+    min_part_px: int = 0  # specks: parts of a multipart object under this many pixels are left out
+    min_area: float = 0.0  # objects under this many square metres are left out
     masked: bool = False  # validity also from the scene's alpha band or GDAL mask
 
     @property
@@ -84,20 +86,23 @@ def tile_output(scene: int, index: int, spec: SceneSpec, instances: list[Instanc
     """Settle a tile's instances and make rows of them (see the module docstring)."""
     final, pending = settle_tile(instances, spec.grid, index, spec.rule)
     geoms = masks_to_geometries([o.mask() for o in final] + [(m.mask, m.row, m.col) for m in pending],
-                                spec.transform, spec.simplify)
+                                spec.transform, spec.simplify, spec.min_part_px)
     n = len(final)
     return TileOutput(
         scene, index, "ok",
-        final=Rows.of([o.key for o in final], geoms[:n], [o.label for o in final], [o.score for o in final], meter),
+        final=Rows.of([o.key for o in final], geoms[:n], [o.label for o in final], [o.score for o in final], meter,
+                      spec.min_area),
         pending=InstanceBlock.of(pending),
+        # A fragment's own outline stands in for its object when nothing joins it: the same limits apply.
         pending_rows=Rows.of([m.key for m in pending], geoms[n:], [m.label for m in pending],
-                             [m.score for m in pending], meter))
+                             [m.score for m in pending], meter, spec.min_area))
 
 
 def union_rows(objects: list[MergedObject], spec: SceneSpec, meter: AreaMeter) -> Rows:
     """Rows of objects united from several views (the driver's share of polygonizing)."""
-    geoms = masks_to_geometries([o.mask() for o in objects], spec.transform, spec.simplify)
-    return Rows.of([o.key for o in objects], geoms, [o.label for o in objects], [o.score for o in objects], meter)
+    geoms = masks_to_geometries([o.mask() for o in objects], spec.transform, spec.simplify, spec.min_part_px)
+    return Rows.of([o.key for o in objects], geoms, [o.label for o in objects], [o.score for o in objects], meter,
+                   spec.min_area)
 
 
 class TileWorker:

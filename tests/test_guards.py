@@ -127,3 +127,50 @@ def test_a_saved_tile_of_other_settings_is_never_reused(tmp_path):
     store = TileStore(directory, "threshold 0.5")
     assert not store.stale and list(store.saved(0)) == []
     assert list(directory.glob("tile-*.bin")) == []  # discarded, so it is computed again
+
+
+def test_outputs_that_cannot_be_written_answer_in_one_line_before_any_work(tmp_path, capsys):
+    from pipeline.cli import main
+
+    scene = tmp_path / "scene.tif"
+    ids, classes = paint_objects(200, 220, TILE, OVERLAP)
+    write_scene(scene, ids, classes, *UTM)
+    directory = tmp_path / "taken.gpkg"
+    directory.mkdir()
+    with pytest.raises(UserError, match="is a directory"):
+        run_scene(str(scene), directory, predictor=OraclePredictor(), **OPTIONS)
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("a file where a folder should be")
+    checkpoint = tmp_path / "missing.pt"
+    for args in (["run", str(scene), "--out-dir", str(blocker / "outputs")],
+                 ["prepare", str(scene), "--labels", str(scene), "--out", str(blocker / "tiles")]):
+        code = main([*args, "--checkpoint", str(checkpoint)] if args[0] == "run" else args)
+        err = capsys.readouterr().err
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+    # The checkpoint is checked before the outputs; with a real model path the out-dir one answers.
+    model = tmp_path / "model.pt"
+    from model.builder import build_model
+    from model.checkpoint import save_checkpoint
+    from model.config import load_config
+
+    config = load_config("data/samples/resnet50_cpu.yaml", {"classes": ["building"]})
+    save_checkpoint(model, build_model(config, load_weights=False), config, ["building"])
+    code = main(["run", str(scene), "--out-dir", str(blocker / "outputs"), "--checkpoint", str(model)])
+    err = capsys.readouterr().err
+    assert code == 2 and "cannot create the output directory" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_rerun_removes_what_a_run_killed_while_writing_left(tmp_path, ray_session):
+    scene = tmp_path / "scene.tif"
+    ids, classes = paint_objects(200, 220, TILE, OVERLAP)
+    write_scene(scene, ids, classes, *UTM)
+    out = tmp_path / "out.gpkg"
+    leftovers = [tmp_path / ".out.gpkg.k3j9x.partial.gpkg", tmp_path / ".out.quicklook.png.ab12.partial.png",
+                 tmp_path / ".out.report.json.zz.partial.json"]
+    for path in leftovers:
+        path.write_bytes(b"\0" * 4096)
+    keep = tmp_path / ".other.gpkg.k3j9x.partial.gpkg"  # another output's: not ours to remove
+    keep.write_bytes(b"x")
+    summary = run_scene(str(scene), out, predictor=OraclePredictor(), **OPTIONS)
+    assert summary.complete and out.exists() and keep.exists()
+    assert not any(path.exists() for path in leftovers)

@@ -357,3 +357,32 @@ def test_a_model_the_workers_cannot_load_fails_clearly(tmp_path, scene, ray_sess
     with pytest.raises(UserError, match="could not start the model: .*not on this node"):
         run_scene(str(scene), out, predictor=UnloadableModel(), tile=TILE, overlap=OVERLAP, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["scene.tif"]  # no output, no saved-tiles folder
+
+
+def test_a_worker_killed_for_memory_is_replaced_and_its_tiles_computed_again(tmp_path, scene, ray_session,
+                                                                            monkeypatch):
+    """Ray's memory monitor kills a worker: the batch it held comes back as an OutOfMemoryError. That is a lost
+    worker like any other (replaced, its tiles re-submitted), with fewer batches queued from then on."""
+    import ray
+
+    from pipeline.worker import TileOutput
+
+    reference = tmp_path / "reference.gpkg"
+    run_scene(str(scene), reference, predictor=OraclePredictor(), tile=TILE, overlap=OVERLAP,
+              scaling="divide255", progress=False)
+    real_get, killed = ray.get, []
+
+    def get(refs, *args, **kwargs):
+        value = real_get(refs, *args, **kwargs)
+        if not killed and isinstance(value, list) and value and isinstance(value[0], TileOutput):
+            killed.append(True)
+            raise ray.exceptions.OutOfMemoryError("Task was killed due to the node running low on memory.")
+        return value
+
+    monkeypatch.setattr(ray, "get", get)
+    out = tmp_path / "out.gpkg"
+    summary = run_scene(str(scene), out, predictor=OraclePredictor(), tile=TILE, overlap=OVERLAP,
+                        scaling="divide255", batch_size=1, progress=False)
+    assert killed and summary.complete and summary.resubmitted_tiles >= 1 and summary.worker_restarts == 1
+    assert any("memory monitor" in w and "batches queued per worker lowered to 1" in w for w in summary.warnings)
+    assert features(out) == features(reference)
