@@ -17,7 +17,7 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 from unittest import mock
@@ -340,3 +340,30 @@ def _loopback_and_any_ports() -> Iterator[None]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def in_flight(next_item: Callable[[], Any], start: Callable[[Any], Any],
+              room: Callable[[int], bool]) -> Iterator[tuple[Any, Any]]:
+    """The one loop that keeps Ray busy with bounded work, for `run` (batches on model actors) and `prepare`
+    (parts as tasks): `start(item)` submits an item and returns its ObjectRef, as long as `room(running)` says
+    there is room and `next_item()` has one (None: none now); each (item, finished ref) is yielded as its work
+    ends, in the order they end. The loop ends when nothing runs and nothing is left.
+
+    Items are asked for only when there is room, so `next_item` may plan as it goes, and the consumer may
+    queue more (a retry) between yields. On any exit (an error, Ctrl-C, the consumer stopping) the work still
+    running is cancelled.
+    """
+    import ray
+
+    pending: dict[Any, Any] = {}
+    try:
+        while True:
+            while room(len(pending)) and (item := next_item()) is not None:
+                pending[start(item)] = item
+            if not pending:
+                return
+            done, _ = ray.wait(list(pending), num_returns=1)
+            yield pending.pop(done[0]), done[0]
+    finally:
+        for ref in pending:
+            ray.cancel(ref)

@@ -9,11 +9,12 @@ dies (killed process, lost node) the pool replaces it and re-submits its batches
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from model.cluster import connect_ray, shutdown_ray
+from model.cluster import connect_ray, in_flight, shutdown_ray
 from model.errors import UserError
 from pipeline.worker import SceneSpec, TileOutput, TileWorker
 
@@ -96,36 +97,35 @@ class RayPool:
 
     def map(self, batches: Iterator[Batch]) -> Iterator[list[TileOutput]]:
         """Yield each batch's outputs as it completes (not in order), pulling batches only as actors have
-        room for them."""
+        room for them; a lost actor is replaced and its batches tried again (MAX_ATTEMPTS in all)."""
         import ray
 
-        retry: list[tuple[Batch, int]] = []  # (batch, attempts so far)
-        pending: dict[Any, tuple[int, Any, Batch, int]] = {}
+        retry: deque[tuple[Batch, int]] = deque()  # (batch, attempts so far)
         load = [0] * len(self.actors)
         self.stats.in_flight = self.stats.in_flight or int(self.run["batches_in_flight"])
 
-        def submit() -> None:
-            while True:
-                slot = min(range(len(self.actors)), key=load.__getitem__)
-                if load[slot] >= self.stats.in_flight:
-                    return
-                if retry:
-                    batch, attempts = retry.pop()
-                else:
-                    batch, attempts = next(batches, None), 0
-                    if batch is None:
-                        return
-                actor = self.actors[slot]
-                pending[actor.process.remote(*batch)] = (slot, actor, batch, attempts)
-                load[slot] += 1
+        def next_item() -> tuple[Batch, int, int, Any] | None:
+            """A retry first, else the job's next batch, with the least-loaded actor it goes to."""
+            if retry:
+                batch, attempts = retry.popleft()
+            elif (batch := next(batches, None)) is not None:
+                attempts = 0
+            else:
+                return None
+            slot = min(range(len(self.actors)), key=load.__getitem__)
+            load[slot] += 1
+            return batch, attempts, slot, self.actors[slot]
 
-        submit()
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
-            slot, actor, batch, attempts = pending.pop(done[0])
+        def start(item: tuple[Batch, int, int, Any]) -> Any:
+            return item[3].process.remote(*item[0])
+
+        def room(_running: int) -> bool:  # per actor, not in all
+            return min(load) < self.stats.in_flight
+
+        for (batch, attempts, slot, actor), ref in in_flight(next_item, start, room):
             load[slot] -= 1
             try:
-                results = ray.get(done[0])
+                results = ray.get(ref)
             except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError,
                     ray.exceptions.ObjectLostError, ray.exceptions.OutOfMemoryError) as exc:
                 if isinstance(exc, ray.exceptions.OutOfMemoryError) or "OutOfMemory" in str(exc):
@@ -140,12 +140,10 @@ class RayPool:
                 if attempts + 1 < MAX_ATTEMPTS:
                     self.stats.resubmitted_tiles += len(batch[1])
                     retry.append((batch, attempts + 1))
-                    submit()
                     continue
                 results = failed(batch, f"worker lost {MAX_ATTEMPTS} times: {type(exc).__name__}")
             except ray.exceptions.RayTaskError as exc:  # the predictor raised: a bug or bad model, not retried
                 cause = exc.cause if getattr(exc, "cause", None) is not None else exc
                 text = str(cause).strip()
                 results = failed(batch, f"{type(cause).__name__}: {text.splitlines()[-1] if text else ''}")
-            submit()
             yield results

@@ -288,7 +288,7 @@ def cut_on_ray(todo: list[Part], staging: Path, settings: dict[str, Any], worker
     """
     import ray
 
-    from model.cluster import ray_session
+    from model.cluster import in_flight, ray_session
 
     with ray_session(address):
         limit = int(workers or max(1, int(ray.cluster_resources().get("CPU", 1))))
@@ -296,27 +296,23 @@ def cut_on_ray(todo: list[Part], staging: Path, settings: dict[str, Any], worker
         measure = ray.remote(num_cpus=1)(compute_scaling)
         scalings: dict[int, Any] = {}
         queue = deque(todo)
-        pending: dict[Any, Part] = {}
         failure: Exception | None = None
-        try:
-            while pending or (queue and failure is None):
-                while queue and failure is None and len(pending) < limit:
-                    part = queue.popleft()
-                    if part.scene_index not in scalings:
-                        scalings[part.scene_index] = measure.remote(part.path, part.info, settings, part.bands)
-                    pending[cut.remote(part, scalings[part.scene_index], os.path.abspath(staging))] = part
-                ready, _ = ray.wait(list(pending), num_returns=1)
-                part = pending.pop(ready[0])
-                try:
-                    ray.get(ready[0])
-                except ray.exceptions.RayError as exc:
-                    failure = failure or part_failure(part, exc)
-                    continue
-                done(part)
-        except BaseException:
-            for ref in pending:
-                ray.cancel(ref)
-            raise
+
+        def next_part() -> Part | None:  # none after a failure: the running parts finish, saved for the rerun
+            return queue.popleft() if queue and failure is None else None
+
+        def start(part: Part) -> Any:
+            if part.scene_index not in scalings:
+                scalings[part.scene_index] = measure.remote(part.path, part.info, settings, part.bands)
+            return cut.remote(part, scalings[part.scene_index], os.path.abspath(staging))
+
+        for part, ref in in_flight(next_part, start, lambda running: running < limit):
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayError as exc:
+                failure = failure or part_failure(part, exc)
+                continue
+            done(part)
     if failure is not None:
         raise failure
 
