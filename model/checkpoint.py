@@ -113,7 +113,7 @@ def _load(path: Path, mmap: bool) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:  # truncated zip, a pickle that would run code, not a torch file
-        reason = str(exc).strip().splitlines()[0].split(". ")[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc).split(". ")[0]
         if "weights_only" in str(exc) or "Unsupported global" in str(exc):
             reason = REFUSED
         raise UserError(f"{path}: not a readable checkpoint: {reason}") from None

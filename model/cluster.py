@@ -367,3 +367,21 @@ def in_flight(next_item: Callable[[], Any], start: Callable[[Any], Any],
     finally:
         for ref in pending:
             ray.cancel(ref)
+
+
+def check_gpus(device: str, needed: float = 1.0) -> None:
+    """Refuse `--device cuda` up front when the GPUs are not there: on the Ray cluster this process is
+    connected to (its GPU resources), else on this machine. Without the check a Ray job waits forever for
+    GPUs and a local one fails deep inside torch."""
+    if device != "cuda":
+        return
+    import ray
+
+    if ray.is_initialized():
+        have, where = float(ray.cluster_resources().get("GPU", 0.0)), "the Ray cluster has"
+    else:
+        import torch
+
+        have, where = float(torch.cuda.device_count() if torch.cuda.is_available() else 0), "this machine has"
+    if have < needed:
+        raise UserError(f"--device cuda needs {needed:g} GPU(s) but {where} {have:g}")

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from model.errors import UserError
+from model.errors import UserError, first_line
 
 BACKBONES = ("swin_t", "swin_s", "swin_b", "resnet50")
 
@@ -120,7 +120,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except RecursionError:
         raise UserError(f"{path}: not valid YAML (nested too deeply)") from None
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        raise UserError(f"{path}: not valid YAML ({first_line(exc)})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel
 from model.backbones import IMAGENET, resolve_weights_path
 from model.config import merge
 from model.errors import UserError, first_line
-from model.cluster import connect_ray
+from model.cluster import check_gpus, connect_ray
 from model.train import Plan, ProgressBar, TrainOptions, build_session, plan_training, run_loop
 
 
@@ -70,9 +70,7 @@ def worker_resources(workers: WorkerOptions, device: str) -> dict[str, float]:
     n = workers.workers
     if device == "cuda":
         gpus = float(workers.gpus_per_worker or 1.0)
-        if have.get("GPU", 0.0) < gpus * n:
-            raise UserError(f"--device cuda with {n} workers x {gpus:g} GPUs needs {gpus * n:g} GPUs but the Ray "
-                            f"cluster has {have.get('GPU', 0.0):g}")
+        check_gpus(device, gpus * n)
         return {"CPU": float(workers.threads_per_worker or 1), "GPU": gpus}
     cpus = have.get("CPU", 1.0)
     threads = workers.threads_per_worker or max(1, int(cpus // n))

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from model.checkpoint import load_checkpoint
+from model.cluster import check_gpus
 from model.dataset import CocoTiles, collate
 from model.errors import UserError
 from model.files import atomic_path
@@ -92,6 +93,7 @@ def format_table(metrics: dict[str, dict[str, float]]) -> str:
 
 def evaluate_checkpoint(checkpoint: str | Path, data: Path, device: str, batch_size: int, out: Path) -> dict:
     """`python -m pipeline evaluate`: print the AP table and save it as JSON."""
+    check_gpus(device)
     model, payload = load_checkpoint(checkpoint)
     dataset = CocoTiles(data)
     if dataset.class_names != payload["class_names"]:

@@ -30,6 +30,7 @@ from model.augment import aerial_augmentations
 from model.builder import build_model
 from model.checkpoint import (check_compatible, read_checkpoint, read_checkpoint_header, read_train_state, save_training,
                               train_state_path)
+from model.cluster import check_gpus
 from model.dataset import CocoTiles, collate
 from model.errors import UserError
 from model.evaluate import evaluate_model
@@ -363,9 +364,8 @@ def run_loop(session: Session, plan: Plan, options: TrainOptions, *, forward: nn
 
 def train(config: dict[str, Any], options: TrainOptions) -> dict[str, Any]:
     """Train Mask R-CNN on COCO tiles in this process; returns a summary (iterations, losses, timings, val AP)."""
+    check_gpus(options.device)
     device = torch.device(options.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but no CUDA device is available")
     plan = plan_training(config, options)
     session = build_session(plan, options, device)
     bar = ProgressBar(plan, options.progress)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from model.cluster import release_ray
-from model.errors import UserError
+from model.errors import Interrupted, UserError, first_line
 
 EXIT_BAD_INPUT, EXIT_INCOMPLETE, EXIT_INTERRUPTED = 2, 3, 130
 
@@ -180,7 +180,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from pipeline.prepare import Interrupted, prepare
+    from pipeline.prepare import prepare
     from pipeline.settings import load_settings, settings_overrides
 
     options = _options(args, ["tile", "overlap", "bands", "nodata", "min_part_px", "class_field", "class_name",
@@ -189,11 +189,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     # --workers and --ray-address share their flat names with `run`'s keys; here they are prepare's.
     overrides.setdefault("prepare", {}).update(_options(args, ["workers", "ray_address"]))
     settings = load_settings(args.config, overrides)
-    try:
-        prepare(args.scenes, args.labels, args.out, settings, overwrite=bool(args.overwrite), config=args.config)
-    except Interrupted as exc:
-        print(exc, file=sys.stderr)
-        return EXIT_INTERRUPTED
+    prepare(args.scenes, args.labels, args.out, settings, overwrite=bool(args.overwrite), config=args.config)
     return 0
 
 
@@ -268,16 +264,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt as exc:
-        from pipeline.summary import Interrupted
-
         message = str(exc) if isinstance(exc, Interrupted) else "interrupted"
         print(message, file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as exc:
         if args.debug:
             raise
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        print(f"error: {type(exc).__name__}: {first} (rerun with --debug for the traceback)", file=sys.stderr)
+        print(f"error: {type(exc).__name__}: {first_line(exc)} (rerun with --debug for the traceback)", file=sys.stderr)
         return 1
     finally:
         release_ray()  # whatever path ends the command: no Ray processes of this run stay behind

@@ -9,7 +9,7 @@ import geopandas as gpd
 import shapely
 from pyproj import CRS
 
-from model.errors import UserError
+from model.errors import UserError, first_line
 
 POLYGONAL = ("Polygon", "MultiPolygon")
 
@@ -34,7 +34,7 @@ def read_labels(path: str | Path, class_field: str | None, class_name: str | Non
     try:
         frame = gpd.read_file(path, engine="pyogrio")
     except Exception as exc:  # pyogrio raises DataSourceError and friends; all mean "cannot read"
-        raise UserError(f"{path}: cannot read labels ({str(exc).strip().splitlines()[0]})") from None
+        raise UserError(f"{path}: cannot read labels ({first_line(exc)})") from None
     if len(frame) == 0:
         raise UserError(f"{path}: the labels file has no features")
     if frame.crs is None:

@@ -14,8 +14,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from model.cluster import connect_ray, in_flight, shutdown_ray
-from model.errors import UserError
+from model.cluster import check_gpus, connect_ray, in_flight, shutdown_ray
+from model.errors import UserError, reason
 from pipeline.worker import SceneSpec, TileOutput, TileWorker
 
 MAX_ATTEMPTS = 3  # per batch; a batch failing this often is reported by window, never silently dropped
@@ -65,11 +65,8 @@ class RayPool:
         # settle the previous one meanwhile.
         options: dict[str, Any] = {"max_restarts": 0, "max_task_retries": 0,
                                    "max_concurrency": int(r["batches_in_flight"]) + 1}
+        check_gpus(r["device"], float(r["gpus_per_worker"]) * workers)
         if r["device"] == "cuda":
-            gpus = float(ray.cluster_resources().get("GPU", 0.0))
-            if gpus < float(r["gpus_per_worker"]):
-                raise UserError(f"--device cuda needs {r['gpus_per_worker']} GPU per worker but the Ray cluster "
-                                f"has {gpus:g} GPUs")
             options.update(num_gpus=float(r["gpus_per_worker"]), num_cpus=1)
         else:
             options.update(num_cpus=min(float(threads), total_cpus / workers))
@@ -79,9 +76,7 @@ class RayPool:
         try:  # the model loads in each actor's constructor: say so once, clearly, if it cannot
             ray.get([actor.ready.remote() for actor in self.actors])
         except ray.exceptions.RayError as exc:
-            cause = getattr(exc, "cause", None) or exc
-            detail = str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__
-            raise UserError(f"the Ray workers could not start the model: {detail}") from None
+            raise UserError(f"the Ray workers could not start the model: {reason(exc)}") from None
 
     def spawn(self) -> Any:
         return self.actor_class.remote(self.predictor, self.threads)
@@ -143,7 +138,5 @@ class RayPool:
                     continue
                 results = failed(batch, f"worker lost {MAX_ATTEMPTS} times: {type(exc).__name__}")
             except ray.exceptions.RayTaskError as exc:  # the predictor raised: a bug or bad model, not retried
-                cause = exc.cause if getattr(exc, "cause", None) is not None else exc
-                text = str(cause).strip()
-                results = failed(batch, f"{type(cause).__name__}: {text.splitlines()[-1] if text else ''}")
+                results = failed(batch, reason(exc))
             yield results

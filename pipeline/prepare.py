@@ -33,7 +33,7 @@ from rasterio.errors import RasterioError
 from shapely.geometry import box
 from tqdm import tqdm
 
-from model.errors import UserError, first_line
+from model.errors import Interrupted, UserError, first_line
 from model.files import atomic_path, check_not_input, exclusive, lock_path
 from pipeline.coco import annotation_body
 from pipeline.labels import read_labels, to_scene_crs
@@ -74,10 +74,6 @@ class Part:
     empty_fraction: float
     seed: int
     key: str  # fingerprint: the name of the part's saved result
-
-
-class Interrupted(KeyboardInterrupt):
-    """Ctrl-C / SIGTERM during prepare: finished parts stay in the staging directory; a rerun resumes."""
 
 
 def staging_dir(out: Path) -> Path:

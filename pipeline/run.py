@@ -27,7 +27,7 @@ from pipeline.predict import CheckpointPredictor
 from pipeline.scene_run import SceneRun, SceneTask, run_metadata
 from pipeline.scenes import scene_name
 from pipeline.settings import load_settings, settings_overrides
-from pipeline.summary import Interrupted, RunSummary
+from pipeline.summary import RunSummary, interrupted
 from pipeline.worker import TileOutput
 
 
@@ -55,7 +55,7 @@ def run_job(tasks: list[SceneTask], predictor: Callable, settings: dict[str, Any
     """Run every scene task and yield each scene's summary, in task order, as its output is written.
 
     `pool`: running model workers to use (the CLI's); by default Ray is started here and stopped at the end.
-    Ctrl-C raises `Interrupted` once the tiles done so far are saved; a rerun resumes from them.
+    Ctrl-C raises `model.errors.Interrupted` once the tiles done so far are saved; a rerun resumes from them.
     """
     threshold = float(settings["run"]["score_threshold"])
     if isinstance(predictor, CheckpointPredictor) and predictor.score_threshold > threshold:
@@ -146,7 +146,7 @@ def run_job(tasks: list[SceneTask], predictor: Callable, settings: dict[str, Any
         for run in runs.values():
             output.submit(run.abort)
         if isinstance(exc, KeyboardInterrupt):
-            raise Interrupted(saved) from None
+            raise interrupted(saved) from None
         raise
     finally:
         planner.close()

@@ -6,14 +6,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from model.errors import Interrupted
 
-class Interrupted(KeyboardInterrupt):
-    """Ctrl-C / SIGTERM during a run; finished tiles are saved and a rerun resumes from them."""
 
-    def __init__(self, saved: list[tuple[int, int, Path]]):
-        where = ", ".join(f"{done} of {total} tiles saved in {state}" for done, total, state in saved)
-        super().__init__(f"interrupted: {where or 'no tiles saved'}; run the same command to resume")
-        self.saved = saved
+def interrupted(saved: list[tuple[int, int, Path]]) -> Interrupted:
+    """Ctrl-C / SIGTERM during a run: what is saved where (done, total, folder per scene under way)."""
+    where = ", ".join(f"{done} of {total} tiles saved in {state}" for done, total, state in saved)
+    return Interrupted(f"interrupted: {where or 'no tiles saved'}; run the same command to resume")
 
 
 @dataclass

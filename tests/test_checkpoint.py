@@ -72,7 +72,7 @@ def test_run_refuses_a_damaged_checkpoint_before_ray_starts(checkpoint, tmp_path
                        transform=Affine(0.5, 0, 500000, 0, -0.5, 3700000)) as dst:
         dst.write(np.zeros((3, 64, 64), dtype=np.uint8))
     ray_started = []
-    monkeypatch.setattr("pipeline.execute.connect_ray", lambda *args, **kwargs: ray_started.append(1))
+    monkeypatch.setattr("pipeline.pool.connect_ray", lambda *args, **kwargs: ray_started.append(1))
     bad = corrupted_copy(checkpoint, tmp_path)
     out = tmp_path / "out.gpkg"
     code = main(["run", str(scene), "--checkpoint", str(bad), "-o", str(out)])

@@ -86,7 +86,8 @@ INTERRUPTIBLE = textwrap.dedent("""
     sys.path.insert(0, {repo!r})
     from tests.test_reliability import SlowOracle
     from pipeline.cli import _raise_interrupt
-    from pipeline.run import run_scene, Interrupted
+    from model.errors import Interrupted
+    from pipeline.run import run_scene
     signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         run_scene({scene!r}, {out!r}, predictor=SlowOracle({seconds}, {pids!r}), tile={tile}, overlap={overlap},
