@@ -68,6 +68,7 @@ def load_settings(path: str | Path | None = None, overrides: dict[str, Any] | No
 
 def validate(s: dict[str, Any]) -> None:
     """Refuse impossible options before any work starts."""
+    check_types(DEFAULTS, s)  # types first, so no range check below meets a string
     tile, overlap = s["tile"], s["overlap"]
     if not isinstance(tile, int) or not 32 <= tile <= 8192:
         raise UserError(f"tile must be an integer number of pixels in [32, 8192], got {tile!r}")
@@ -127,6 +128,26 @@ def validate(s: dict[str, Any]) -> None:
         raise UserError(f"merge.class_agnostic must be true or false, got {m['class_agnostic']!r}")
     if not isinstance(m["edge_margin"], int) or not 0 <= m["edge_margin"] <= 64:
         raise UserError(f"merge.edge_margin must be an integer number of pixels in [0, 64], got {m['edge_margin']!r}")
+
+
+def check_types(defaults: dict[str, Any], given: dict[str, Any], section: str = "") -> None:
+    """Every setting whose default is a number or a boolean must be one (a YAML typo such as `"0.5"` or `[1]`
+    is named by its key, never a TypeError deep in the run). Settings that default to None or text are
+    checked by `validate` itself."""
+    for key, default in defaults.items():
+        value, name = given.get(key), f"{section}{key}"
+        if isinstance(default, dict):
+            if not isinstance(value, dict):
+                raise UserError(f"{name} must be a section of settings, got {value!r}")
+            check_types(default, value, f"{name}.")
+        elif isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise UserError(f"{name} must be true or false, got {value!r}")
+        elif isinstance(default, (int, float)) and value is not None:
+            wanted = int if isinstance(default, int) else (int, float)
+            if isinstance(value, bool) or not isinstance(value, wanted):
+                kind = "an integer" if wanted is int else "a number"
+                raise UserError(f"{name} must be {kind}, got {value!r}")
 
 
 def settings_overrides(options: dict[str, Any]) -> dict[str, Any]:

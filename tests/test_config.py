@@ -116,3 +116,18 @@ def test_a_section_left_empty_keeps_its_defaults(tmp_path):
                                         if p.name != "pipeline.yaml"))
 def test_the_shipped_model_configs_are_valid(path):
     load_config(path)
+
+
+@pytest.mark.parametrize("text, message", [
+    ('merge:\n  iou_threshold: "x"\n', "merge.iou_threshold must be a number, got 'x'"),
+    ("run:\n  score_threshold: [1]\n", "run.score_threshold must be a number, got [1]"),
+    ("run:\n  overwrite: 1\n", "run.overwrite must be true or false, got 1"),
+    ("prepare:\n  seed: 0.5\n", "prepare.seed must be an integer, got 0.5"),
+])
+def test_a_pipeline_setting_of_the_wrong_type_is_named_and_exits_2(tmp_path, capsys, text, message):
+    """Issue 18.6: wrong types in the pipeline YAML ended in a TypeError (exit 1) before."""
+    config = tmp_path / "bad.yaml"
+    config.write_text(text)
+    code = main(["run", str(tmp_path / "scene.tif"), "--config", str(config), "-o", str(tmp_path / "out.gpkg")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == f"error: {message}"
