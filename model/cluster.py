@@ -384,4 +384,4 @@ def check_gpus(device: str, needed: float = 1.0) -> None:
 
         have, where = float(torch.cuda.device_count() if torch.cuda.is_available() else 0), "this machine has"
     if have < needed:
-        raise UserError(f"--device cuda needs {needed:g} GPU(s) but {where} {have:g}")
+        raise UserError(f"--device cuda needs {needed:g} GPUs but {where} {have:g}")
