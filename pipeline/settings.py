@@ -23,7 +23,7 @@ DEFAULTS: dict[str, Any] = {
     "prepare": {
         "class_field": None,  # label attribute holding the class name
         "class_name": None,  # or one class name for every label
-        "min_area_px": 16,  # clipped objects smaller than this (pixels) are dropped
+        "min_area_px": 16.0,  # clipped objects smaller than this area (pixels) are dropped
         "empty_fraction": 0.1,  # fraction of label-free tiles kept (negatives)
         "val_fraction": 0.2,
         "block_tiles": 2,  # spatial split block edge, in tiles
