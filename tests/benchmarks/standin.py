@@ -83,6 +83,10 @@ class StandIn:
     def __getstate__(self):
         return {**self.__dict__, "_objects": None}
 
+    def load(self) -> None:
+        """Built when the worker starts, as a model is loaded (`TileWorker` calls it), not on the first tile."""
+        self.objects()
+
     def objects(self) -> dict[int, tuple[Layout, int]]:
         """object id -> (its scene's layout, its index there)."""
         if self._objects is None:
