@@ -3,8 +3,11 @@ time per tile (sleeping, as a GPU forward takes wall time but no host CPU) and r
 46 building-sized objects per 512 px tile, many across seams).
 
 Prints, for each time per tile and worker count: tiles/s, efficiency against the ideal (tiles x time per tile
-/ workers: what the model alone would take), the driver's CPU ms per tile, the workers' host CPU ms per tile
-(the pipeline's share, the stand-in's own CPU apart) and Ray's daemons' CPU ms per tile.
+/ workers: what the model alone would take), over the whole job and from the first batch on (the job's start,
+before the first batch returns, is a one-time cost: Ray's first calls into a fresh actor); the driver's CPU ms
+per tile (the whole process, and its main thread alone), the model workers' host CPU ms per tile (the
+pipeline's share, the stand-in's own CPU apart), the other Ray workers' (per-scene tasks: overview read,
+quicklook page) and Ray's daemons'.
 
     python -m tests.benchmarks.bench_gpu_sim [--scenes 3] [--size 3072] [--seconds 0.05 0.1] [--workers 1 2]
 """
@@ -27,13 +30,14 @@ from tests.benchmarks.standin import StandIn, object_scene
 def ray_processes() -> dict[str, list[psutil.Process]]:
     """This driver's Ray processes: workers (`ray::...`: the model actors, and the pooled processes that run
     tasks such as the overview read and the quicklook page) and Ray's own daemons (GCS, raylet, agents)."""
-    found: dict[str, list[psutil.Process]] = {"workers": [], "daemons": []}
+    found: dict[str, list[psutil.Process]] = {"actors": [], "tasks": [], "daemons": []}
     for proc in psutil.Process().children(recursive=True):
         try:
             title = " ".join(proc.cmdline())
         except psutil.Error:
             continue
-        found["workers" if title.startswith("ray::") else "daemons"].append(proc)
+        kind = "daemons" if not title.startswith("ray::") else "actors" if "TileWorker" in title else "tasks"
+        found[kind].append(proc)
     return found
 
 
@@ -65,22 +69,30 @@ def one_job(scenes: list[str], layouts, seconds: float, workers: int, args, work
                "threads_per_worker": 1}
     predictor = StandIn(seconds, args.output == "compact", str(log_dir), layouts)
     with RayPool(predictor, load_settings(None, settings_overrides(options))) as pool:
-        before = {kind: cpu_seconds(procs) for kind, procs in ray_processes().items()}
-        t, cpu = time.perf_counter(), time.process_time()
+        before = {pid: seconds for procs in ray_processes().values() for pid, seconds in cpu_seconds(procs).items()}
+        t, cpu, main = time.perf_counter(), time.process_time(), time.thread_time()
         summaries = list(run_scenes(scenes, predictor, pool, out_dir=out_dir, progress=False, **options))
-        wall, driver = time.perf_counter() - t, time.process_time() - cpu
+        wall, driver, main = time.perf_counter() - t, time.process_time() - cpu, time.thread_time() - main
+        start = min(s.timeline["first_tile"] for s in summaries) - (time.time() - time.perf_counter()) - t
         after = {kind: cpu_seconds(procs) for kind, procs in ray_processes().items()}
-    used = {kind: sum(v - before[kind].get(pid, 0.0) for pid, v in after[kind].items()) for kind in after}
+    used = {kind: sum(v - before.get(pid, 0.0) for pid, v in after[kind].items()) for kind in after}
     tiles = sum(s.tiles for s in summaries)
     objects = sum(s.merged_instances for s in summaries)
     ideal = tiles * seconds / workers
+    # From the first batch on: the first result minus the model time of one batch.
+    steady = wall - max(0.0, start - args.batch_size * seconds)
     standin = standin_cpu(log_dir)
     shutil.rmtree(out_dir), shutil.rmtree(log_dir)
-    return (f"{seconds * 1000:.0f} ms/tile, {workers} worker(s): {tiles} tiles, {objects} objects in {wall:.1f} s: "
-            f"{tiles / wall:.1f} tiles/s (ideal {tiles / ideal:.1f}), "
-            f"efficiency {ideal / wall:.2f}; CPU ms per tile: driver {driver / tiles * 1000:.1f}, "
-            f"workers and tasks {(used['workers'] - standin) / tiles * 1000:.1f} (+ stand-in {standin / tiles * 1000:.1f}), "
-            f"Ray daemons {used['daemons'] / tiles * 1000:.1f}")
+
+    def per_tile(value: float) -> str:
+        return f"{value / tiles * 1000:.1f}"
+
+    return (f"{seconds * 1000:.0f} ms/tile, {workers} worker(s): {tiles} tiles, {objects} objects in {wall:.1f} s "
+            f"(first result after {start:.2f} s): {tiles / wall:.1f} tiles/s (ideal {tiles / ideal:.1f}), "
+            f"efficiency {ideal / wall:.2f}, from the first batch on {ideal / steady:.2f}; "
+            f"CPU ms per tile: driver {per_tile(driver)} (main thread {per_tile(main)}), "
+            f"model workers {per_tile(used['actors'] - standin)} (+ stand-in {per_tile(standin)}), "
+            f"per-scene tasks {per_tile(used['tasks'])}, Ray daemons {per_tile(used['daemons'])}")
 
 
 def main() -> None:
