@@ -36,25 +36,84 @@ def _nodata(text: str) -> float | list[float]:
     return values[0] if len(values) == 1 else values
 
 
+def _pair(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != 2:
+        raise argparse.ArgumentTypeError(f"expected two numbers like 2,98, got {text!r}")
+    return values
+
+
+class ShowDefaults(argparse.HelpFormatter):
+    """`--help` shows each flag's default: argparse's own where the flag has one; setting flags say theirs."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "default:" not in text and action.option_strings:
+            text += " (default: %(default)s)"
+        return text
+
+
+def shown(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+def setting(p: argparse.ArgumentParser, flag: str, key: str, help: str, none: str = "none", **kwargs: Any) -> None:
+    """A flag for the pipeline setting `key` (`run.score_threshold`): given, it overrides the config file.
+    Its help names the setting and its default (`none` says what a None default means)."""
+    from pipeline.settings import default_of
+
+    default = default_of(key)
+    dest = kwargs.pop("dest", key.rpartition(".")[2])
+    p.add_argument(flag, dest=dest, default=None,
+                   help=f"{help} (default: {none if default is None else shown(default)}; setting {key})", **kwargs)
+    p.set_defaults(setting_flags=[*(p.get_default("setting_flags") or []), (key, dest)])
+
+
+def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings the user gave as flags, nested as in the config file."""
+    nested: dict[str, Any] = {}
+    for key, dest in args.setting_flags:
+        value = getattr(args, dest)
+        if value is not None:
+            *sections, name = key.split(".")
+            target = nested
+            for section in sections:
+                target = target.setdefault(section, {})
+            target[name] = value
+    return nested
+
+
 def add_reading_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="pipeline settings YAML (default: configs/pipeline.yaml defaults)")
-    p.add_argument("--tile", type=int, help="window size in pixels")
-    p.add_argument("--overlap", type=int, help="pixels shared by neighbouring windows")
-    p.add_argument("--bands", type=_bands, help="1-based scene bands for the 3 model channels, e.g. 1,1,1")
-    p.add_argument("--nodata", type=_nodata, help="the value of pixels that are not image (e.g. an orthomosaic's "
-                                                 "white collar: 255), over the scene's own; or one per band: 0,0,0")
-    p.add_argument("--min-part-px", type=int, help="drop parts of a multipart object under this many pixels "
-                                                  "(specks; the object's largest part always stays; 0 keeps all)")
-    p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing output")
+    setting(p, "--tile", "tile", "window size in pixels", type=int)
+    setting(p, "--overlap", "overlap", "pixels shared by neighbouring windows", type=int)
+    setting(p, "--bands", "bands", "1-based scene bands for the 3 model channels, e.g. 1,1,1", type=_bands,
+            none="1,2,3, or 1,1,1 for one band")
+    setting(p, "--nodata", "nodata", "the value of pixels that are not image (e.g. an orthomosaic's white collar: "
+            "255), over the scene's own; or one per band: 0,0,0", type=_nodata, none="the scene's own")
+    setting(p, "--scaling", "scaling", "scene values -> model input: auto (uint8 / 255, other types a per-scene "
+            "percentile stretch), divide255, percentile or range", choices=["auto", "divide255", "percentile", "range"])
+    setting(p, "--percentiles", "percentiles", "low,high percentiles of the percentile stretch", type=_pair)
+    setting(p, "--value-range", "value_range", "low,high scene values mapped to 0 and 1 with --scaling range "
+            "(the same scaling for every scene)", type=_pair)
+    setting(p, "--min-part-px", "min_part_px", "drop parts of a multipart object under this many pixels (specks; "
+            "the object's largest part always stays; 0 keeps all)", type=int)
 
 
 def add_training_options(p: argparse.ArgumentParser) -> None:
     length = p.add_mutually_exclusive_group(required=True)
-    length.add_argument("--iters", type=int)
-    length.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--seed", type=int, default=0)
+    length.add_argument("--iters", type=int, help="optimizer steps")
+    length.add_argument("--epochs", type=int, help="passes over the training tiles")
+    p.add_argument("--batch-size", type=int, help="images per step (default: the config's train.batch_size)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the model trains")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights' init, the shuffling and augmentations")
 
 
 DEBUG_HELP = "show tracebacks and Ray's own messages"
@@ -71,47 +130,68 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("run", parents=[common],
+    p = sub.add_parser("run", parents=[common], formatter_class=ShowDefaults,
                        help="tiled inference over GeoTIFF scenes -> GeoPackage of instance polygons")
     p.add_argument("scenes", nargs="+", metavar="SCENE",
                    help="GeoTIFF (local, COG, /vsicurl/, /vsis3/), a glob pattern ('tiles/*.tif') or a scene list "
                         "(.txt, one per line)")
-    p.add_argument("--checkpoint", help="trained model (.pt) from `python -m pipeline train`")
+    setting(p, "--checkpoint", "run.checkpoint", "trained model (.pt) from `python -m pipeline train`")
     out = p.add_mutually_exclusive_group()
     out.add_argument("-o", "--output", help="one GeoPackage; with several scenes, one layer per scene")
     out.add_argument("--out-dir", help="one SCENE.gpkg per scene in this directory (default: beside each scene)")
     add_reading_options(p)
-    p.add_argument("--batch-size", type=int, help="tiles per model forward")
-    p.add_argument("--score-threshold", type=float, help="drop detections scoring below this")
-    p.add_argument("--device", choices=["cpu", "cuda"])
-    p.add_argument("--ray-address", help="none: Ray in-process; 'auto' or HOST:PORT: an existing cluster")
-    p.add_argument("--workers", type=int, help="model actors")
-    p.add_argument("--gpus-per-worker", type=float)
-    p.add_argument("--threads-per-worker", type=int, help="torch threads per actor (default: cores / workers)")
-    p.add_argument("--simplify", type=float, help="polygon simplification tolerance in pixels")
-    p.add_argument("--min-area", dest="min_area", type=float,
-                   help="leave out objects under this many square metres (true area on the ellipsoid)")
+    setting(p, "--overwrite", "run.overwrite", "replace an existing output", action="store_true")
+    setting(p, "--batch-size", "run.batch_size", "tiles per model forward", type=int, none="2 on the CPU, 8 on a GPU")
+    setting(p, "--score-threshold", "run.score_threshold", "drop detections scoring below this", type=float)
+    setting(p, "--mask-threshold", "run.mask_threshold", "mask probability at which a pixel is the object's",
+            type=float)
+    setting(p, "--device", "run.device", "where the model runs", choices=["cpu", "cuda"])
+    setting(p, "--precision", "run.precision", "cuda only: auto (the checkpoint's model.amp), float32, float16 or "
+            "bfloat16 autocast", choices=["auto", "float32", "float16", "bfloat16"])
+    setting(p, "--ray-address", "run.ray_address", "'auto' or HOST:PORT: an existing Ray cluster",
+            none="$RAY_ADDRESS if set, else Ray in-process")
+    setting(p, "--workers", "run.workers", "model actors", type=int)
+    setting(p, "--gpus-per-worker", "run.gpus_per_worker", "GPUs per actor with --device cuda", type=float)
+    setting(p, "--threads-per-worker", "run.threads_per_worker", "torch threads per actor", type=int,
+            none="cores / workers")
+    setting(p, "--batches-in-flight", "run.batches_in_flight", "batches queued per actor (bounds memory)", type=int)
+    setting(p, "--simplify", "run.simplify", "polygon simplification tolerance in pixels", type=float)
+    setting(p, "--min-area", "run.min_area", "leave out objects under this many square metres (true area on the "
+            "ellipsoid)", type=float)
+    setting(p, "--layer", "run.layer", "GeoPackage layer name (one scene)", none="named after the scene")
+    setting(p, "--quicklook", "run.quicklook", "write OUTPUT.quicklook.png, the overview with the polygons",
+            action=argparse.BooleanOptionalAction)
+    setting(p, "--iou-threshold", "merge.iou_threshold", "seam merge: mask IoU inside the ground both windows saw",
+            type=float)
+    setting(p, "--ios-threshold", "merge.ios_threshold", "seam merge: or intersection over the smaller mask there",
+            type=float)
+    setting(p, "--class-agnostic", "merge.class_agnostic", "seam merge: views of different classes can be one "
+            "object", action=argparse.BooleanOptionalAction)
+    setting(p, "--edge-margin", "merge.edge_margin", "seam merge: a view this close (pixels) to an inner window edge "
+            "may be cut there", type=int)
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("prepare", parents=[common], help="GeoTIFF scenes + labeled vectors -> COCO tiles for training")
+    p = sub.add_parser("prepare", parents=[common], formatter_class=ShowDefaults, help="GeoTIFF scenes + labeled vectors -> COCO tiles for training")
     p.add_argument("scenes", nargs="+", metavar="SCENE",
                    help="GeoTIFF, glob pattern ('tiles/*.tif') or scene list (.txt, one per line)")
     p.add_argument("--labels", required=True, help="GeoPackage / GeoJSON / Shapefile of polygons, any CRS")
     p.add_argument("--out", required=True, help="output directory (gets train/ and val/)")
     add_reading_options(p)
-    p.add_argument("--class-field", help="label attribute holding the class name")
-    p.add_argument("--class-name", help="one class name for every label")
-    p.add_argument("--min-area", dest="min_area_px", type=float, help="drop clipped objects under N pixels")
-    p.add_argument("--empty-fraction", type=float, help="fraction of label-free tiles kept")
-    p.add_argument("--val-fraction", type=float, help="fraction of spatial blocks for validation")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--workers", type=int, help="parallel Ray tasks (default: this process alone; with "
-                                               "--ray-address, every CPU of the cluster)")
-    p.add_argument("--ray-address", help="none: this machine; 'auto' or HOST:PORT: an existing Ray cluster "
-                                         "(--out and the scenes must be on storage every node sees)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    setting(p, "--class-field", "prepare.class_field", "label attribute holding the class name")
+    setting(p, "--class-name", "prepare.class_name", "one class name for every label")
+    setting(p, "--min-area", "prepare.min_area_px", "drop clipped objects under N pixels", type=float)
+    setting(p, "--empty-fraction", "prepare.empty_fraction", "fraction of label-free tiles kept", type=float)
+    setting(p, "--val-fraction", "prepare.val_fraction", "fraction of spatial blocks for validation", type=float)
+    setting(p, "--block-tiles", "prepare.block_tiles", "edge of a spatial split block, in tiles", type=int)
+    setting(p, "--seed", "prepare.seed", "seed of the label-free tiles' draw and the split", type=int)
+    setting(p, "--workers", "prepare.workers", "parallel Ray tasks", type=int,
+            none="this process alone; with --ray-address, every CPU of the cluster")
+    setting(p, "--ray-address", "prepare.ray_address", "'auto' or HOST:PORT: an existing Ray cluster (--out and the "
+            "scenes must be on storage every node sees)", none="this machine")
     p.set_defaults(func=cmd_prepare)
 
-    p = sub.add_parser("train", parents=[common], help="train Mask R-CNN on prepared COCO tiles")
+    p = sub.add_parser("train", parents=[common], formatter_class=ShowDefaults, help="train Mask R-CNN on prepared COCO tiles")
     p.add_argument("--config", required=True, help="model config, e.g. configs/swin_t.yaml")
     p.add_argument("--data", required=True, help="a `prepare` output directory")
     p.add_argument("--out", required=True, help="checkpoint path (model.pt); losses go beside it")
@@ -125,17 +205,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-address", help="with --workers; none: Ray in-process; 'auto' or HOST:PORT: a cluster")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("evaluate", parents=[common], help="COCO bbox and mask AP of a checkpoint on COCO tiles")
+    p = sub.add_parser("evaluate", parents=[common], formatter_class=ShowDefaults, help="COCO bbox and mask AP of a checkpoint on COCO tiles")
     p.add_argument("checkpoint")
     p.add_argument("--data", required=True, help="COCO tiles directory, e.g. DIR/val")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the model runs")
+    p.add_argument("--batch-size", type=int, default=2, help="tiles per forward")
     p.add_argument("--out", help="metrics JSON (default: CHECKPOINT.eval.json)")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("compare", parents=[common], help="train + evaluate several backbones identically; one table")
-    p.add_argument("--configs", nargs="+", required=True)
-    p.add_argument("--data", required=True)
+    p = sub.add_parser("compare", parents=[common], formatter_class=ShowDefaults, help="train + evaluate several backbones identically; one table")
+    p.add_argument("--configs", nargs="+", required=True, help="model configs, one per backbone to compare")
+    p.add_argument("--data", required=True, help="a `prepare` output directory (train/ and val/)")
     add_training_options(p)
     p.add_argument("--out-dir", default="compare", help="checkpoints and the table (compare.md, compare.json)")
     p.set_defaults(func=cmd_compare)
@@ -151,14 +231,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.pool import RayPool
     from pipeline.run import checkpoint_predictor
     from pipeline.scenes import expand_scenes
-    from pipeline.settings import load_settings, settings_overrides
+    from pipeline.settings import load_settings
 
-    options = _options(args, ["tile", "overlap", "bands", "nodata", "min_part_px", "min_area", "batch_size",
-                              "score_threshold", "device", "ray_address", "workers", "gpus_per_worker",
-                              "threads_per_worker", "simplify"])
-    if args.overwrite:
-        options["overwrite"] = True
-    settings = load_settings(args.config, settings_overrides(options))  # refuse bad options before any work
+    settings = load_settings(args.config, overrides_from(args))  # refuse bad options before any work
     scenes = expand_scenes(args.scenes)
     predictor = checkpoint_predictor(args.checkpoint, settings)
     output = Path(args.output) if args.output else None
@@ -181,14 +256,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     from pipeline.prepare import prepare
-    from pipeline.settings import load_settings, settings_overrides
+    from pipeline.settings import load_settings
 
-    options = _options(args, ["tile", "overlap", "bands", "nodata", "min_part_px", "class_field", "class_name",
-                              "min_area_px", "empty_fraction", "val_fraction", "seed"])
-    overrides = settings_overrides(options)
-    # --workers and --ray-address share their flat names with `run`'s keys; here they are prepare's.
-    overrides.setdefault("prepare", {}).update(_options(args, ["workers", "ray_address"]))
-    settings = load_settings(args.config, overrides)
+    settings = load_settings(args.config, overrides_from(args))
     prepare(args.scenes, args.labels, args.out, settings, overwrite=bool(args.overwrite), config=args.config)
     return 0
 

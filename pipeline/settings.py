@@ -1,6 +1,7 @@
 """Pipeline options: `configs/pipeline.yaml` (or `--config`) merged over these defaults, then CLI flags.
 
-Every command-line flag has a key here, so a run is reproducible from one YAML file.
+Every setting has a command-line flag and every flag of `run` and `prepare` that changes a result has a
+setting (pipeline/cli.py `setting`), so a run is reproducible from one YAML file.
 """
 
 from __future__ import annotations
@@ -148,6 +149,14 @@ def check_types(defaults: dict[str, Any], given: dict[str, Any], section: str = 
             if isinstance(value, bool) or not isinstance(value, wanted):
                 kind = "an integer" if wanted is int else "a number"
                 raise UserError(f"{name} must be {kind}, got {value!r}")
+
+
+def default_of(key: str) -> Any:
+    """The default of a setting named by its path in the config file (`run.score_threshold`)."""
+    value: Any = DEFAULTS
+    for part in key.split("."):
+        value = value[part]
+    return value
 
 
 def settings_overrides(options: dict[str, Any]) -> dict[str, Any]:

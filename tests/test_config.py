@@ -3,6 +3,7 @@ up front, so a wrong value is one line naming its key (exit 2), never a TypeErro
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import pytest
@@ -131,3 +132,81 @@ def test_a_pipeline_setting_of_the_wrong_type_is_named_and_exits_2(tmp_path, cap
     code = main(["run", str(tmp_path / "scene.tif"), "--config", str(config), "-o", str(tmp_path / "out.gpkg")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err == f"error: {message}"
+
+
+def flat_keys(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flat_keys(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def test_the_shipped_pipeline_config_is_the_codes_defaults():
+    """Issue 17.3: configs/pipeline.yaml documents the defaults; it must not drift from them."""
+    from pipeline.settings import DEFAULTS as PIPELINE_DEFAULTS
+
+    assert flat_keys(read_yaml("configs/pipeline.yaml")) == flat_keys(PIPELINE_DEFAULTS)
+
+
+# What a backbone's config sets on purpose, apart from the shared defaults.
+BACKBONE_OWN = {"swin_t": {}, "swin_s": {"model.backbone.name": "swin_s", "model.backbone.drop_path_rate": 0.3},
+                "swin_b": {"model.backbone.name": "swin_b", "model.backbone.drop_path_rate": 0.3},
+                "resnet50": {"model.backbone.name": "resnet50"}}
+
+
+@pytest.mark.parametrize("name", sorted(BACKBONE_OWN))
+def test_the_shipped_model_configs_hold_the_codes_defaults_but_their_backbone(name):
+    given = flat_keys(read_yaml(f"configs/{name}.yaml"))
+    defaults = flat_keys(DEFAULTS)
+    differs = {key: value for key, value in given.items() if defaults.get(key, "missing") != value}
+    assert differs == BACKBONE_OWN[name]
+
+
+def setting_flags(command: str) -> dict[str, str]:
+    """setting key -> its flag, for one command's parser."""
+    from pipeline.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    flags = {action.dest: action.option_strings[0] for action in sub._actions if action.option_strings}
+    return {key: flags[dest] for key, dest in sub.get_default("setting_flags")}
+
+
+def test_every_pipeline_setting_has_a_flag_whose_help_shows_its_default(capsys):
+    from pipeline.cli import main
+    from pipeline.settings import DEFAULTS as PIPELINE_DEFAULTS
+
+    run, prepare = setting_flags("run"), setting_flags("prepare")
+    prepare_keys = {k for k in flat_keys(PIPELINE_DEFAULTS) if k.startswith("prepare.")}
+    assert set(run) | set(prepare) == set(flat_keys(PIPELINE_DEFAULTS))
+    assert set(prepare) >= prepare_keys and not set(run) & prepare_keys
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for key, flag in run.items():
+        assert flag in text and f"setting {key})" in text
+    assert "(default: 0.5; setting run.score_threshold)" in text
+    assert "(default: true; setting merge.class_agnostic)" in text
+
+
+def test_flags_override_the_config_file_under_their_own_setting(tmp_path):
+    """Each flag lands on its own key, over the YAML file's value (prepare's --workers is prepare's)."""
+    import pipeline.cli as cli
+
+    config = tmp_path / "p.yaml"
+    config.write_text("run:\n  mask_threshold: 0.3\nmerge:\n  iou_threshold: 0.4\n")
+    args = cli.build_parser().parse_args([
+        "run", "x.tif", "--config", str(config), "--mask-threshold", "0.7", "--no-class-agnostic",
+        "--edge-margin", "3", "--scaling", "range", "--value-range", "0,4000", "--no-quicklook", "--layer", "roofs"])
+    from pipeline.settings import load_settings
+
+    s = load_settings(args.config, cli.overrides_from(args))
+    assert s["run"]["mask_threshold"] == 0.7 and s["merge"]["iou_threshold"] == 0.4
+    assert s["merge"]["class_agnostic"] is False and s["merge"]["edge_margin"] == 3
+    assert s["scaling"] == "range" and s["value_range"] == [0.0, 4000.0]
+    assert s["run"]["quicklook"] is False and s["run"]["layer"] == "roofs"
+    args = cli.build_parser().parse_args(["prepare", "x.tif", "--labels", "l.gpkg", "--out", "o", "--workers", "3"])
+    assert cli.overrides_from(args) == {"prepare": {"workers": 3}}
