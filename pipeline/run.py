@@ -116,8 +116,10 @@ def run_job(tasks: list[SceneTask], predictor: Callable, settings: dict[str, Any
         if active is None:
             active = RayPool(predictor, settings).__enter__()
         stats = (active.stats.resubmitted_tiles, active.stats.replaced_workers, active.stats.out_of_memory)
+        detections = 0  # the job's, for the progress bar (finished scenes leave `runs`)
         for outputs in active.map(batches()):
             for out in outputs:
+                detections += out.detections
                 run = runs[out.scene]
                 rows = run.take(out)
                 if len(rows):
@@ -132,7 +134,7 @@ def run_job(tasks: list[SceneTask], predictor: Callable, settings: dict[str, Any
                             f"{active.stats.in_flight} (lower --batch-size or run fewer --workers per machine)")
                     hand_over(run)
             bar.update(len(outputs))
-            bar.set_postfix(instances=sum(r.summary.raw_instances for r in runs.values()))
+            bar.set_postfix(detections=detections)
             yield from written()
         for run in list(runs.values()):  # never: every window comes back, computed or failed; but if one
             for index in sorted(run.remaining):  # did not, the output must say so rather than claim complete

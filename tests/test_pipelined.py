@@ -103,3 +103,14 @@ def test_a_resumed_run_writes_the_rows_of_its_saved_tiles(tmp_path, ray_session)
     resumed = run_scene(str(path), out, predictor=predictor, batch_size=1, workers=1, **OPTIONS)
     assert resumed.complete and resumed.tiles_resumed == saved
     assert sorted(rows(out)) == sorted(rows(reference)) and len(rows(out)) == 5
+
+
+def test_the_progress_bar_counts_the_detections_of_the_whole_job(tmp_path, ray_session, capsys):
+    """It counted only the scenes still under way, so it ended at 0 once the last scene was handed over."""
+    first = scene(tmp_path / "first.tif", 250, 250, 733600.0)
+    second = scene(tmp_path / "second.tif", 200, 300, 734000.0)
+    summaries = list(run_scenes([first, second], OraclePredictor(), None, out_dir=tmp_path,
+                                **{**OPTIONS, "progress": True}))
+    bar = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    total = sum(s.raw_instances for s in summaries)
+    assert total > 10 and bar.endswith(f"detections={total}]")
