@@ -16,6 +16,7 @@ from typing import Any
 
 from model.cluster import release_ray
 from model.errors import Interrupted, UserError, first_line
+from pipeline.writers import FORMATS
 
 EXIT_BAD_INPUT, EXIT_INCOMPLETE, EXIT_INTERRUPTED = 2, 3, 130
 
@@ -131,14 +132,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("run", parents=[common], formatter_class=ShowDefaults,
-                       help="tiled inference over GeoTIFF scenes -> GeoPackage of instance polygons")
+                       help="tiled inference over GeoTIFF scenes -> instance polygons (GeoPackage, GeoParquet, ...)")
     p.add_argument("scenes", nargs="+", metavar="SCENE",
                    help="GeoTIFF (local, COG, /vsicurl/, /vsis3/), a glob pattern ('tiles/*.tif') or a scene list "
                         "(.txt, one per line)")
     setting(p, "--checkpoint", "run.checkpoint", "trained model (.pt) from `python -m pipeline train`")
     out = p.add_mutually_exclusive_group()
-    out.add_argument("-o", "--output", help="one GeoPackage; with several scenes, one layer per scene")
-    out.add_argument("--out-dir", help="one SCENE.gpkg per scene in this directory (default: beside each scene)")
+    out.add_argument("-o", "--output", help="the output file, its format by its suffix: .gpkg (with several "
+                                            "scenes, one layer per scene), .parquet, .fgb, .shp, .geojson")
+    out.add_argument("--out-dir", help="one SCENE.gpkg (see --format) per scene in this directory (default: beside "
+                                       "each scene)")
+    setting(p, "--format", "run.format", "format of the files named after their scenes (--out-dir or beside "
+            "each scene); -o chooses by its suffix", choices=FORMATS)
     add_reading_options(p)
     setting(p, "--overwrite", "run.overwrite", "replace an existing output", action="store_true")
     setting(p, "--batch-size", "run.batch_size", "tiles per model forward", type=int, none="2 on the CPU, 8 on a GPU")
@@ -233,6 +238,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.scenes import expand_scenes
     from pipeline.settings import load_settings
 
+    if args.format and args.output:
+        raise UserError(f"--format names the files of --out-dir; -o {args.output} has its format by its suffix")
     settings = load_settings(args.config, overrides_from(args))  # refuse bad options before any work
     scenes = expand_scenes(args.scenes)
     predictor = checkpoint_predictor(args.checkpoint, settings)

@@ -211,7 +211,8 @@ def run_scene(
     pool: RayPool | None = None,
     **options: Any,
 ) -> RunSummary:
-    """Run the whole pipeline on one scene and write a GeoPackage to `output`.
+    """Run the whole pipeline on one scene and write its polygons to `output`, in the format of its suffix
+    (`pipeline.writers.WRITERS`: .gpkg, .parquet, .fgb, .shp, .geojson).
 
     `predictor`: any picklable callable taking a list of float32 C x H x W tensors in [0, 1] and returning,
     per tile, torchvision Mask R-CNN's eval output or the compact form (README, "Pluggable model step");

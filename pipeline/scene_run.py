@@ -27,7 +27,6 @@ import shapely
 from model.errors import UserError
 from model.files import atomic_path, check_not_input, check_writable, exclusive, lock_path, remove_leftovers
 from pipeline.features import Rows
-from pipeline.geopackage import GeoPackageWriter, read_run_metadata
 from pipeline.merge import SceneMerge, SeamRule
 from pipeline.quicklook import Quicklook
 from pipeline.raster import (Overview, SceneInfo, band_nodata, compute_scaling, first_look, is_virtual, open_scene,
@@ -37,8 +36,10 @@ from pipeline.store import TileStore, state_dir
 from pipeline.style import label_name
 from pipeline.summary import RunSummary
 from pipeline.worker import SCORE_BINS, SceneSpec, TileOutput, union_rows
+from pipeline.writers import read_result_fingerprint, writer_for
+from pipeline.writers.base import Writer, sidecar
 
-WRITE_BATCH = 5000  # rows per GeoPackage append: bounded memory for millions of instances
+WRITE_BATCH = 5000  # rows per write (a GeoPackage append, a Parquet row group): bounded memory for millions
 OUTPUT_FORMAT = 2  # bumped when the same inputs give other rows (2: the seam rule of 2026-12)
 
 
@@ -53,27 +54,25 @@ class SceneTask:
     keep_other_layers: bool = False  # add a layer to the file at `output` (one file for many scenes)
 
     @property
+    def report(self) -> Path:
+        return sidecar(self.sidecar_base, ".report.json")
+
+    @property
     def store(self) -> Path:
         return state_dir(self.output, self.layer if self.keep_other_layers else None)
 
     def check(self, inputs: list[Any]) -> None:
         """Refuse an output that cannot be written or would destroy an input, before any work."""
         check_output(self.output)
-        for path in (self.output, sidecar(self.sidecar_base, ".quicklook.png"),
-                     sidecar(self.sidecar_base, ".report.json"), lock_path(self.output)):
+        for path in (*writer_for(self.output).files(self.output), sidecar(self.sidecar_base, ".quicklook.png"),
+                     self.report, lock_path(self.output)):
             check_not_input(path, inputs)
         check_not_input(self.store, inputs, "saved-tiles folder")
 
 
 def check_output(output: Path) -> None:
-    if output.suffix.lower() != ".gpkg":
-        raise UserError(f"{output}: the output must be a GeoPackage (.gpkg)")
+    writer_for(output)  # a format this tool writes
     check_writable(output, overwrite=True)
-
-
-def sidecar(output: Path, suffix: str) -> Path:
-    """`out.gpkg` -> `out.quicklook.png`, `out.report.json`."""
-    return output.with_name(output.stem + suffix)
 
 
 def scene_spec(scene: str, info: SceneInfo, settings: dict[str, Any],
@@ -119,14 +118,16 @@ class SceneRun:
         self.identity, self.describe, self.names = identity, metadata, class_names
         self.previous = previous  # with one file for many scenes: the scene whose layer goes in first
         r = settings["run"]
-        self.summary = RunSummary(scene=str(task.scene), output=str(task.output), layer=task.layer,
+        self.summary = RunSummary(scene=str(task.scene), output=str(task.output),
+                                  layer=task.layer if writer_for(task.output).layers else "",
                                   score_threshold=float(r["score_threshold"]),
                                   dropped_scores=[0] * SCORE_BINS)
         self.stack = contextlib.ExitStack()
         self.remaining: set[int] = set()
         self.failed: dict[int, str] = {}
         self.nodata = 0
-        self.writer: GeoPackageWriter | None = None
+        self.writer: Writer | None = None
+        self.failure: BaseException | None = None  # of a write on the output thread, raised by `finish`
         self.quicklook: Quicklook | None = None
         self.backlog: list[Rows] = []  # rows waiting for the output to open (after `previous` is written)
         self.finished = False
@@ -151,14 +152,15 @@ class SceneRun:
         self.spec = scene_spec(task.scene, self.info, self.settings, self.look)
         if not task.keep_other_layers:  # one run per output at a time (a many-scene file: the job holds it)
             self.stack.enter_context(exclusive(task.output))
-        for path in (task.output, sidecar(task.sidecar_base, ".quicklook.png"), sidecar(task.sidecar_base, ".report.json")):
+        for path in (*writer_for(task.output).files(task.output), sidecar(task.sidecar_base, ".quicklook.png"),
+                     task.report):
             remove_leftovers(path)  # what a run killed while writing left (the output is held: none is live)
         # Saved tiles hold settled polygons: everything in the spec (reading, thresholds, plan, seam rule,
         # georeferencing, simplification) decides them.
         key = fingerprint({"scene": scene_identity(task.scene), "predictor": self.identity, "spec": self.spec})
         self.result_key = fingerprint({"tiles": key, "format": OUTPUT_FORMAT})
-        if reusable_output(task.output, task.layer, self.result_key, bool(self.settings["run"]["overwrite"]),
-                           task.keep_other_layers):
+        if reusable_output(task.output, task.layer, task.report, self.result_key,
+                           bool(self.settings["run"]["overwrite"]), task.keep_other_layers):
             self.summary.up_to_date = True
             self.stack.close()
             return None
@@ -204,12 +206,18 @@ class SceneRun:
 
     # --- output thread ---------------------------------------------------------------------------------
     def write(self, rows: Rows) -> None:
-        """Stream rows into the output, WRITE_BATCH at a time: each append opens and closes the GeoPackage,
+        """Stream rows into the output, WRITE_BATCH at a time: a GeoPackage append opens and closes the file,
         which costs milliseconds whatever the batch holds (held back until the previous scene of the same
-        file is written)."""
+        file is written). Nobody waits on this call: an error is kept for `finish` to raise, and the rows
+        after it are not written."""
+        if self.failure is not None:
+            return
         self.backlog.append(rows)
-        if sum(len(r) for r in self.backlog) >= WRITE_BATCH:
-            self.write_backlog()
+        try:
+            if sum(len(r) for r in self.backlog) >= WRITE_BATCH:
+                self.write_backlog()
+        except BaseException as error:
+            self.failure = error
 
     def write_backlog(self) -> None:
         if self.writer is None and self.previous is not None and not self.previous.finished:
@@ -227,7 +235,7 @@ class SceneRun:
 
     def open_output(self) -> None:
         task = self.task
-        self.writer = self.stack.enter_context(GeoPackageWriter(
+        self.writer = self.stack.enter_context(writer_for(task.output)(
             task.output, self.info.crs, layer=task.layer, overwrite=True, class_names=self.names,
             keep_other_layers=task.keep_other_layers))
         overview, notes = self.look()
@@ -237,9 +245,19 @@ class SceneRun:
                                        class_names=self.names, overview=overview)
 
     def finish(self) -> RunSummary:
-        """Merge what is left, close the output (it appears now), write the sidecars, clean up."""
+        """Merge what is left, close the output (it appears now), write the sidecars, clean up. On an error
+        before the output appears, its temporary file goes and its lock is released."""
+        try:
+            return self.close_output()
+        except BaseException:
+            self.abort()
+            raise
+
+    def close_output(self) -> RunSummary:
         t = time.perf_counter()
         summary = self.summary
+        if self.failure is not None:
+            raise self.failure
         summary.seconds["tiles"] = self.last_tile - self.planned
         self.backlog.append(self.merge.flush(last=True))
         self.write_backlog()
@@ -255,11 +273,13 @@ class SceneRun:
         metadata = {**self.describe(summary), "result_fingerprint": self.result_key}
         self.writer.set_metadata(metadata)
         summary.seconds["merge+write"] = time.perf_counter() - t
+        if not self.writer.records_run:  # the report is the record: an older one must not outlive its output
+            self.task.report.unlink(missing_ok=True)
         self.stack.close()  # the output appears; the lock is released after it
         summary.timeline["written"] = time.time()
         if self.quicklook is not None:
             self.quicklook.save(sidecar(self.task.sidecar_base, ".quicklook.png"))
-        write_report(sidecar(self.task.sidecar_base, ".report.json"), summary, metadata)
+        write_report(self.task.report, summary, metadata)
         if summary.complete:
             self.store.remove()
         self.finished = True
@@ -287,14 +307,15 @@ def write_report(path: Path, summary: RunSummary, metadata: dict[str, Any]) -> N
         tmp.write_text(json.dumps(report, indent=2, default=str))
 
 
-def reusable_output(output: Path, layer: str, result_key: str, overwrite: bool, keep_other_layers: bool) -> bool:
+def reusable_output(output: Path, layer: str, report: Path, result_key: str, overwrite: bool,
+                    keep_other_layers: bool) -> bool:
     """True when `output` already holds this result, complete; raises when it holds something else that
     may not be replaced. An incomplete result of the same run is ours to redo."""
     if not output.exists():
         return False
-    previous = read_run_metadata(output, layer) or {}
-    same = previous.get("result_fingerprint") == result_key
-    if same and previous.get("complete") and not (overwrite and not keep_other_layers):
+    fingerprint, complete = read_result_fingerprint(output, layer, report) or (None, False)
+    same = fingerprint == result_key
+    if same and complete and not (overwrite and not keep_other_layers):
         return True
     if not (same or overwrite or keep_other_layers):
         raise UserError(f"{output}: file exists (use --overwrite to replace it)")
@@ -303,7 +324,7 @@ def reusable_output(output: Path, layer: str, result_key: str, overwrite: bool, 
 
 def run_metadata(predictor_identity: dict[str, Any], checkpoint: str | None, model_config: Any,
                  settings: dict[str, Any], summary: RunSummary) -> dict[str, Any]:
-    """What produced this output: stored in the GeoPackage and in the run report."""
+    """What produced this output: stored in the output where its format keeps metadata, and in the run report."""
     return {
         "scene": summary.scene if is_virtual(summary.scene) else os.path.abspath(summary.scene),
         "checkpoint": checkpoint,

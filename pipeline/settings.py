@@ -11,6 +11,7 @@ from typing import Any
 
 from model.config import layered
 from model.errors import UserError
+from pipeline.writers import FORMATS
 
 DEFAULTS: dict[str, Any] = {
     "tile": 512,  # window size in pixels (square)
@@ -46,7 +47,8 @@ DEFAULTS: dict[str, Any] = {
         "batches_in_flight": 2,  # per worker: bounds memory whatever the scene size
         "min_area": 0.0,  # objects under this many square metres (true area) are left out
         "simplify": 0.0,  # polygon simplification tolerance in pixels (0: exact pixel outlines)
-        "layer": None,  # GeoPackage layer name; None: named after the scene
+        "format": "gpkg",  # outputs named after their scenes (--out-dir): gpkg | parquet | fgb | shp | geojson
+        "layer": None,  # GeoPackage layer name (and FlatGeobuf's, GeoJSON's name); None: named after the scene
         "quicklook": True,  # OUTPUT.quicklook.png: the scene overview with the polygons outlined
         "checkpoint": None,
         "overwrite": False,
@@ -120,6 +122,8 @@ def validate(s: dict[str, Any]) -> None:
         raise UserError(f"min_area must be a number of square metres >= 0, got {r['min_area']!r}")
     if r["batches_in_flight"] < 1 or r["simplify"] < 0:
         raise UserError("batches_in_flight must be >= 1 and simplify >= 0")
+    if r["format"] not in FORMATS:
+        raise UserError(f"format must be one of {', '.join(FORMATS)}, got {r['format']!r}")
     if r["precision"] not in ("auto", "float32", "float16", "bfloat16"):
         raise UserError(f"precision must be auto, float32, float16 or bfloat16, got {r['precision']!r}")
     m = s["merge"]

@@ -1,7 +1,8 @@
-"""The default QGIS style stored inside the GeoPackage, so a layer looks right the moment it is opened.
+"""The default QGIS style of an output, so a layer looks right the moment it is opened.
 
 QGIS keeps styles of GeoPackage layers in a `layer_styles` table (its own convention, which GDAL and
-QGIS 3.x read); a row with `useAsDefault` is applied when the layer is added. The style outlines each
+QGIS 3.x read); a row with `useAsDefault` is applied when the layer is added. For a file of any other
+format QGIS loads `NAME.qml` beside it (the same QML, in a file of its own). The style outlines each
 class in its own colour over a faint fill, so the imagery under the polygons stays visible. The colours
 are the quicklook's, so the PNG and the GIS view agree.
 """
@@ -14,6 +15,8 @@ from pathlib import Path
 from xml.sax.saxutils import quoteattr
 
 import numpy as np
+
+from model.files import atomic_path
 
 # Class 1, 2, ... outline colours (RGB), chosen to stand out on imagery; they repeat after the last one.
 PALETTE = np.array([(255, 40, 40), (40, 220, 255), (255, 220, 0), (255, 0, 200), (60, 255, 60),
@@ -65,6 +68,12 @@ def outline_qml(classes: Mapping[int, str]) -> str:
         f'<source-symbol>{fill_symbol("0", class_colour(1))}</source-symbol></renderer-v2>'
         "<layerGeometryType>2</layerGeometryType></qgis>\n"
     )
+
+
+def write_style_file(path: Path, classes: Mapping[int, str]) -> None:
+    """The outline style as a QML file (QGIS applies `NAME.qml` to the layer of `NAME.shp`, `NAME.fgb`, ...)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(outline_qml(classes))
 
 
 def write_default_style(gpkg: Path, layer: str, classes: Mapping[int, str]) -> None:

@@ -29,7 +29,7 @@ class RunSummary:
     resubmitted_tiles: int = 0
     worker_restarts: int = 0
     stale_state_cleared: bool = False
-    layer: str = ""
+    layer: str = ""  # of a format with layers (GeoPackage)
     up_to_date: bool = False  # the output already held this result (same scene, model and options): skipped
     seconds: dict[str, float] = field(default_factory=dict)
     timeline: dict[str, float] = field(default_factory=dict)  # wall-clock times (epoch s): first_tile, written
@@ -43,11 +43,11 @@ class RunSummary:
         return not self.failed
 
     def lines(self) -> list[str]:
+        where = f"{self.scene} -> {self.output}" + (f" (layer {self.layer})" if self.layer else "")
         if self.up_to_date:
-            return [f"{self.scene} -> {self.output} (layer {self.layer}): up to date, skipped (same scene, model "
-                    "and options; --overwrite to redo)"]
+            return [f"{where}: up to date, skipped (same scene, model and options; --overwrite to redo)"]
         out = [
-            f"{self.scene} -> {self.output} (layer {self.layer})",
+            where,
             f"  tiles: {self.tiles} ({self.tiles_nodata} all-nodata skipped, {self.tiles_resumed} resumed from "
             f"a previous run, {self.resubmitted_tiles} re-submitted after a lost worker, "
             f"{self.worker_restarts} lost workers replaced)",

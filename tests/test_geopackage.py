@@ -15,7 +15,7 @@ from shapely.geometry import MultiPolygon, Polygon, box
 
 from model.errors import UserError
 from pipeline.features import AreaMeter, Rows
-from pipeline.geopackage import METADATA_KEY, GeoPackageWriter
+from pipeline.writers.geopackage import METADATA_KEY, GeoPackageWriter
 
 X, Y = 733_600, 3_724_700  # Atlanta, UTM 16N
 SCHEMA = {"class_name": "object", "class_id": "int32", "score": "float32", "area_m2": "float64"}
