@@ -168,6 +168,9 @@ def test_geoparquet_declares_version_crs_and_its_bbox_covering(outputs, referenc
     table = file.read()
     boxes = np.array([[b[k] for k in ("xmin", "ymin", "xmax", "ymax")] for b in table["bbox"].to_pylist()])
     assert np.array_equal(boxes, shapely.bounds(shapely.from_wkb(table["geometry"].to_pylist())))
+    group = file.metadata.row_group(0)  # readers prune row groups by the bbox columns' statistics
+    stats = {group.column(i).path_in_schema: group.column(i).statistics for i in range(group.num_columns)}
+    assert stats["bbox.xmin"].min == boxes[:, 0].min() and stats["bbox.ymax"].max == boxes[:, 3].max()
     run = json.loads(file.metadata.metadata[b"aerial_seg_run"])  # what produced it, as the report says
     report = json.loads(outputs["parquet"].with_name("objects-parquet.report.json").read_text())
     assert run["complete"] is True and run["result_fingerprint"] == report["result_fingerprint"]

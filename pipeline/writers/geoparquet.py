@@ -23,14 +23,15 @@ from pipeline.writers.arrow import ATTRIBUTES, GEOMETRY, columns
 from pipeline.writers.base import METADATA_KEY, Writer
 
 VERSION = "1.1.0"
-BBOX = pa.struct([("xmin", pa.float64()), ("ymin", pa.float64()), ("xmax", pa.float64()), ("ymax", pa.float64())])
+BBOX_KEYS = ("xmin", "ymin", "xmax", "ymax")
+BBOX = pa.struct([(key, pa.float64()) for key in BBOX_KEYS])
 
 
 def geo_metadata(crs: Any) -> dict[str, Any]:
     """The `geo` key of a GeoParquet 1.1 file with one MultiPolygon WKB column and its bbox covering."""
     return {"version": VERSION, "primary_column": GEOMETRY, "columns": {GEOMETRY: {
         "encoding": "WKB", "geometry_types": ["MultiPolygon"], "crs": crs.to_json_dict(),
-        "covering": {"bbox": {key: ["bbox", key] for key in ("xmin", "ymin", "xmax", "ymax")}}}}}
+        "covering": {"bbox": {key: ["bbox", key] for key in BBOX_KEYS}}}}}
 
 
 class GeoParquetWriter(Writer):
@@ -47,7 +48,10 @@ class GeoParquetWriter(Writer):
     def open(self) -> None:
         self.schema = ATTRIBUTES.append(pa.field(GEOMETRY, pa.binary())).append(pa.field("bbox", BBOX))
         self.schema = self.schema.with_metadata({"geo": json.dumps(geo_metadata(self.crs))})
-        self.file = pq.ParquetWriter(self.tmp, self.schema, compression="zstd")
+        # Dictionary encoding only where values repeat, statistics only where readers use them (the bbox
+        # columns prune row groups; min/max of WKB bytes mean nothing): 8 % smaller (bench_writers' objects).
+        self.file = pq.ParquetWriter(self.tmp, self.schema, compression="zstd", use_dictionary=["class_name"],
+                                     write_statistics=[*ATTRIBUTES.names, *(f"bbox.{k}" for k in BBOX_KEYS)])
 
     def append(self, rows: Rows, class_names: Sequence[str]) -> None:
         if not len(rows):
