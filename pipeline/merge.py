@@ -7,18 +7,26 @@ The rule (`SeamRule`), in the README's words:
   that only abut (`overlap` 0) share no pixel; there the last pixel line of one is compared with the first
   of the other, one pixel across. Whole-mask IoU would be wrong for fragments: a fragment holding 30 % of an
   object has a low IoU with its neighbour's fragment.
-- A view that comes within `edge_margin` pixels of an inner edge of its window (an edge inside the scene,
-  not the scene's own) may be cut there: it is *truncated*; any other view is *whole*. A model sees a
-  whole view with context on every side, so a whole view stands for its object as it is; truncated views
-  that agree with it join it (its score and class count) without changing its outline. Truncated views of
-  an object no window saw whole (larger than the overlap, or cut by the seams) are united. Truncated views
-  lying in ground another window saw whole (inside that window, clear of its inner edges) yield to what
-  that window found there, and are dropped if they agree with none of it: a 2 px sliver along a window's
-  edge never stands alone.
+- A view whose box comes within `edge_margin` pixels of an inner edge of its window (an edge inside the
+  scene, not the scene's own; a gap of `edge_margin` pixels or fewer) may be cut there: it is *truncated*;
+  any other view is *whole*. `edge_margin` is the model's outline error: its view of an object that the
+  edge cuts may stop up to that far short of the edge. A model sees a whole view with context on every
+  side, so a whole view stands for its object as it is wherever its window saw with context (clear of the
+  inner edges by more than `edge_margin`): views that agree with it join it (their score and class count)
+  without changing its outline there; only their pixels beyond that ground are added (the part of a
+  two-part object that lies past the window's edge, or so near it that the model missed it).
+- Truncated views of an object no window saw whole (larger than the overlap, or cut by the seams) are
+  united. Truncated views lying in ground another window saw whole (inside that window, clear of its inner
+  edges) yield to what that window found there, and are dropped if they agree with none of it: a 2 px
+  sliver along a window's edge never stands alone. Nor does a *sliver* where no other window saw the ground
+  (windows without overlap): truncated views reaching less than 2 * `edge_margin` pixels into their window,
+  which may be nothing but one view's excess where the neighbour's view of the object, short by up to
+  `edge_margin`, does not reach the seam line, are dropped when they join nothing.
 - With `class_agnostic`, views of different classes can be one object (a model's class confusion across a
   seam); without it, only views of one class are.
-- An object's class and score are those of its highest-scoring view; its outline is its most central whole
-  view (farthest from its window's inner edges), else the union of its views.
+- An object's class and score are those of its highest-scoring view (ties: the earliest window and
+  position); its outline is its most central whole view (farthest from its window's inner edges) with the
+  pieces above, else the union of its views.
 - Distinct objects, however close, have (nearly) disjoint masks and never merge; a truncated view joins at
   most one whole object, so it can never glue two together.
 
@@ -31,13 +39,13 @@ sets how far from every other window a window's private region keeps (`WindowGri
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import shapely
 
 from pipeline.features import Rows
-from pipeline.instances import Instance
+from pipeline.instances import Instance, tight
 from pipeline.rect import Rect
 from pipeline.windows import WindowGrid
 
@@ -58,19 +66,20 @@ class SeamRule:
 @dataclass
 class MergedObject:
     key: tuple[int, int]  # its earliest view's (window index, position): its row's place in the output
-    view: Instance | None  # the view whose outline stands, or None: the union of `parts`
-    parts: list[Instance]
+    view: Instance | None  # the view whose outline stands, or None: the union of `pieces`
+    parts: list[Instance]  # every view of the object
     score: float
     label: int
+    pieces: list[Instance] = field(default_factory=list)  # what the outline unites when `view` is None
 
     def mask(self) -> tuple[np.ndarray, int, int]:
-        """(bool mask, row, col) of the object's outline."""
+        """(bool mask, row, col) of the object's outline (tight: the pieces are)."""
         if self.view is not None:
             return self.view.mask, self.view.row, self.view.col
-        c0, r0 = min(m.col for m in self.parts), min(m.row for m in self.parts)
-        c1, r1 = max(m.box.col1 for m in self.parts), max(m.box.row1 for m in self.parts)
+        c0, r0 = min(m.col for m in self.pieces), min(m.row for m in self.pieces)
+        c1, r1 = max(m.box.col1 for m in self.pieces), max(m.box.row1 for m in self.pieces)
         mask = np.zeros((r1 - r0, c1 - c0), dtype=bool)
-        for m in self.parts:
+        for m in self.pieces:
             h, w = m.mask.shape
             mask[m.row - r0:m.row - r0 + h, m.col - c0:m.col - c0 + w] |= m.mask
         return mask, r0, c0
@@ -200,9 +209,46 @@ def edge_room(inst: Instance, grid: WindowGrid) -> int:
     return min((g for g, i in zip(gaps, inner) if i), default=1 << 30)
 
 
+def edge_depth(inst: Instance, grid: WindowGrid) -> int:
+    """Pixels a detection's box reaches into its window from the nearest inner edge (a large number if none)."""
+    box, win = inst.box, inst.window
+    depths = [box.col1 - win.col0, box.row1 - win.row0, win.col1 - box.col0, win.row1 - box.row0]
+    return min((d for d, i in zip(depths, grid.inner(win)) if i), default=1 << 30)
+
+
+def is_whole(inst: Instance, grid: WindowGrid, rule: SeamRule) -> bool:
+    return edge_room(inst, grid) > rule.edge_margin
+
+
+def whole_ground(window: Rect, grid: WindowGrid, rule: SeamRule) -> Rect:
+    """The part of a window where its views are whole: clear of its inner edges by more than the margin."""
+    return grid.core(window, rule.edge_margin + 1)
+
+
 def seen_whole_elsewhere(box: Rect, windows: set[int], grid: WindowGrid, rule: SeamRule) -> bool:
-    """Did a window other than `windows` see all of `box`, clear of its own inner edges?"""
-    return any(grid.core(grid[w], rule.edge_margin).contains(box) for w in grid.seen_by(box) if w not in windows)
+    """Did a window other than `windows` see all of `box` where its views are whole?"""
+    return any(whole_ground(grid[w], grid, rule).contains(box) for w in grid.seen_by(box) if w not in windows)
+
+
+def stands_alone(parts: list[Instance], grid: WindowGrid, rule: SeamRule) -> bool:
+    """Does a group of truncated views that joined no whole view stand as an object? Not when all of it is
+    slivers, nor when another window saw its ground whole (see the module docstring)."""
+    if all(edge_depth(p, grid) < 2 * rule.edge_margin for p in parts):
+        return False
+    box = Rect(min(p.box.col0 for p in parts), min(p.box.row0 for p in parts),
+               max(p.box.col1 for p in parts), max(p.box.row1 for p in parts))
+    return not seen_whole_elsewhere(box, {p.tile for p in parts}, grid, rule)
+
+
+def outside(inst: Instance, rect: Rect) -> Instance | None:
+    """The pixels of a detection outside a rectangle, as a detection cropped to them (None: there are none)."""
+    inside = rect.intersection(inst.box)
+    if inside.empty:
+        return inst
+    mask = inst.mask.copy()
+    mask[inside.row0 - inst.row:inside.row1 - inst.row, inside.col0 - inst.col:inside.col1 - inst.col] = False
+    (crop,), origin, nonempty = tight([mask], np.array([[inst.row, inst.col]]))
+    return replace(inst, row=int(origin[0, 0]), col=int(origin[0, 1]), mask=crop) if nonempty[0] else None
 
 
 def resolve(instances: list[Instance], pairs: list[tuple[int, int]], grid: WindowGrid,
@@ -211,13 +257,10 @@ def resolve(instances: list[Instance], pairs: list[tuple[int, int]], grid: Windo
     the rule of the module docstring; nothing outside a component could change its result."""
     if len(instances) == 1:  # most components: one detection, whole or standing alone or yielding
         (only,) = instances
-        if edge_room(only, grid) >= rule.edge_margin or not seen_whole_elsewhere(only.box, {only.tile}, grid, rule):
-            return [merged(instances, only)]
-        return []
+        return [merged(instances, only)] if is_whole(only, grid, rule) or stands_alone(instances, grid, rule) else []
     weight = {(i, j): agreement(instances[i], instances[j], rule) for i, j in pairs}
     matched = [(i, j) for (i, j), w in weight.items() if w]
-    room = [edge_room(inst, grid) for inst in instances]
-    whole = [r >= rule.edge_margin for r in room]
+    whole = [is_whole(inst, grid, rule) for inst in instances]
     groups = clusters(len(instances), [(i, j) for i, j in matched if whole[i] == whole[j]])
     group_of = {i: g for g, members in enumerate(groups) for i in members}
     joined: dict[int, list[int]] = {g: [] for g, members in enumerate(groups) if whole[members[0]]}
@@ -235,14 +278,16 @@ def resolve(instances: list[Instance], pairs: list[tuple[int, int]], grid: Windo
             joined[max(ties, key=lambda t: (ties[t], -t))] += members
             continue
         parts = [instances[i] for i in members]
-        box = Rect(min(p.box.col0 for p in parts), min(p.box.row0 for p in parts),
-                   max(p.box.col1 for p in parts), max(p.box.row1 for p in parts))
-        if not seen_whole_elsewhere(box, {p.tile for p in parts}, grid, rule):
+        if stands_alone(parts, grid, rule):
             objects.append(merged(parts, None))
     for g, extra in joined.items():
         views = [instances[i] for i in groups[g]]
         view = max(views, key=lambda v: (edge_room(v, grid), v.score, -v.tile, -v.position))
-        objects.append(merged(views + [instances[i] for i in extra], view))
+        parts = views + [instances[i] for i in extra]
+        ground = whole_ground(view.window, grid, rule)
+        beyond = [piece for p in parts if not ground.contains(p.box)
+                  for piece in [outside(p, ground)] if piece is not None]
+        objects.append(merged(parts, view, beyond))
     return sorted(objects, key=lambda o: o.key)
 
 
@@ -254,14 +299,16 @@ def merge_scene(instances: list[Instance], grid: WindowGrid, rule: SeamRule) -> 
     return sorted(found, key=lambda o: o.key)
 
 
-def merged(members: list[Instance], view: Instance | None) -> MergedObject:
-    """The object of `members`: outlined by `view`, or by the union of the members (by the one member itself
-    when there is one); class and score of the best-scoring member."""
+def merged(members: list[Instance], view: Instance | None, beyond: list[Instance] | None = None) -> MergedObject:
+    """The object of `members`: outlined by `view` with the pieces of the others `beyond` the ground where
+    it is whole, or by the union of the members (by the one member itself when there is one); class and
+    score of the best-scoring member."""
     best = max(members, key=lambda m: (m.score, -m.tile, -m.position))
     if view is None and len(members) == 1:
         view = members[0]
-    return MergedObject(key=min(m.key for m in members), view=view, parts=members, score=best.score,
-                        label=best.label)
+    pieces = members if view is None else [view, *beyond] if beyond else []
+    return MergedObject(key=min(m.key for m in members), view=None if pieces else view, parts=members,
+                        score=best.score, label=best.label, pieces=pieces)
 
 
 def settle_tile(instances: list[Instance], grid: WindowGrid, tile: int,
