@@ -113,10 +113,11 @@ def candidate_pairs(instances: list[Instance], rule: SeamRule) -> np.ndarray:
     return np.stack([i[keep], j[keep]], axis=1)
 
 
-def pixels_in(inst: Instance, rect: Rect) -> np.ndarray:
-    """The part of `inst.mask` inside a scene rectangle (clipped to the mask's box; possibly empty)."""
-    r0, c0 = max(rect.row0 - inst.row, 0), max(rect.col0 - inst.col, 0)
-    return inst.mask[r0:max(rect.row1 - inst.row, r0), c0:max(rect.col1 - inst.col, c0)]
+def pixels_in(mask: np.ndarray, row: int, col: int, rect: tuple[int, int, int, int]) -> np.ndarray:
+    """The part of a mask placed at (row, col) inside a scene rectangle (col0, row0, col1, row1), clipped to
+    the mask's box, possibly empty. Plain ints: it runs a few times per candidate pair."""
+    r0, c0 = max(rect[1] - row, 0), max(rect[0] - col, 0)
+    return mask[r0:max(rect[3] - row, r0), c0:max(rect[2] - col, c0)]
 
 
 def compared_region(a: Instance, b: Instance) -> tuple[Rect, tuple[int, int]] | None:
@@ -151,16 +152,18 @@ def agreement(a: Instance, b: Instance, rule: SeamRule) -> int:
     if found is None:
         return 0
     region, (dc, dr) = found
-    if dc or dr:
-        b = replace(b, col=b.col - dc, row=b.row - dr)  # a view: the mask is not copied
-    area_a = int(np.count_nonzero(pixels_in(a, region)))
-    area_b = int(np.count_nonzero(pixels_in(b, region)))
+    rect = region.tuple()
+    b_row, b_col = b.row - dr, b.col - dc  # b's pixels carried into the region (across an abutting seam)
+    area_a = int(np.count_nonzero(pixels_in(a.mask, a.row, a.col, rect)))
+    area_b = int(np.count_nonzero(pixels_in(b.mask, b_row, b_col, rect)))
     if area_a == 0 or area_b == 0:
         return 0
-    shared = a.box.intersection(b.box).intersection(region)
-    if shared.empty:
+    (ah, aw), (bh, bw) = a.mask.shape, b.mask.shape
+    shared = (max(a.col, b_col, rect[0]), max(a.row, b_row, rect[1]),
+              min(a.col + aw, b_col + bw, rect[2]), min(a.row + ah, b_row + bh, rect[3]))
+    if shared[2] <= shared[0] or shared[3] <= shared[1]:
         return 0
-    inter = int(np.count_nonzero(pixels_in(a, shared) & pixels_in(b, shared)))
+    inter = int(np.count_nonzero(pixels_in(a.mask, a.row, a.col, shared) & pixels_in(b.mask, b_row, b_col, shared)))
     if inter == 0:
         return 0
     same = inter / (area_a + area_b - inter) >= rule.iou_threshold or inter / min(area_a, area_b) >= rule.ios_threshold
