@@ -5,8 +5,10 @@ The rule (`SeamRule`), in the README's words:
   intersection of the two windows): IoU >= `iou_threshold`, or intersection over the smaller mask there
   >= `ios_threshold`. Two detections of one window (duplicates) are compared on their whole masks. Windows
   that only abut (`overlap` 0) share no pixel; there the last pixel line of one is compared with the first
-  of the other, one pixel across. Whole-mask IoU would be wrong for fragments: a fragment holding 30 % of an
-  object has a low IoU with its neighbour's fragment.
+  of the other, one pixel across (so a view that stops short of the seam line cannot be told from a
+  neighbour that close across it: a model whose cut views may stop short of its tile's edge needs overlap).
+  Whole-mask IoU would be wrong for fragments: a fragment holding 30 % of an object has a low IoU with its
+  neighbour's fragment.
 - A view whose box comes within `edge_margin` pixels of an inner edge of its window (an edge inside the
   scene, not the scene's own; a gap of `edge_margin` pixels or fewer) may be cut there: it is *truncated*;
   any other view is *whole*. `edge_margin` is the model's outline error: its view of an object that the
