@@ -7,10 +7,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.merge import SeamRule, merge_scene, settle_tile
+from pipeline.merge import SeamRule, merge_scene
 from pipeline.windows import plan_windows
-from tests.perturbed import JITTER, perturbed_model, seam_scene, outlines, tally
-from tests.test_merge import instance, paste, signature
+from tests.perturbed import JITTER, outlines, perturbed_model, seam_scene, tally
+from tests.test_merge import assert_settling_early_changes_nothing, instance, paste
 
 RULE = SeamRule()
 CASES = [(tile, overlap) for tile in (512, 256, 128) for overlap in (64, 16, 0)]
@@ -60,15 +60,7 @@ def test_class_confusion_at_seams_splits_objects_only_when_classes_are_kept_apar
 @pytest.mark.parametrize("tile,overlap,shrink", [(128, 16, False), (128, 0, False), (256, 64, True), (128, 16, True)])
 def test_settling_each_window_early_gives_exactly_the_scene_merge_under_a_perturbed_model(tile, overlap, shrink):
     grid, objects = seam_scene(tile, overlap, 1)
-    raw = perturbed_model(grid, objects, 1, cut_views_shrink=shrink)
-    final, pending = [], []
-    for i in range(len(grid)):
-        settled, waiting = settle_tile([r for r in raw if r.tile == i], grid, i, RULE)
-        final += settled
-        pending += waiting
-    assert final and pending  # both paths are exercised
-    early = sorted(map(signature, final + merge_scene(pending, grid, RULE)))
-    assert early == sorted(map(signature, merge_scene(raw, grid, RULE)))
+    assert_settling_early_changes_nothing(perturbed_model(grid, objects, 1, cut_views_shrink=shrink), grid)
 
 
 def test_views_stopping_edge_margin_short_of_their_window_edges_are_united():
