@@ -115,14 +115,22 @@ def candidate_pairs(instances: list[Instance], rule: SeamRule) -> np.ndarray:
     return np.stack([i[keep], j[keep]], axis=1)
 
 
-def pixels_in(mask: np.ndarray, row: int, col: int, rect: tuple[int, int, int, int]) -> np.ndarray:
-    """The part of a mask placed at (row, col) inside a scene rectangle (col0, row0, col1, row1), clipped to
-    the mask's box, possibly empty. Plain ints: it runs a few times per candidate pair."""
-    r0, c0 = max(rect[1] - row, 0), max(rect[0] - col, 0)
-    return mask[r0:max(rect[3] - row, r0), c0:max(rect[2] - col, c0)]
+Box = tuple[int, int, int, int]  # (col0, row0, col1, row1) as plain ints: what runs once per candidate pair
 
 
-def compared_region(a: Instance, b: Instance) -> tuple[Rect, tuple[int, int]] | None:
+def shared_box(x: Box, y: Box) -> Box | None:
+    """The pixels two boxes share, or None."""
+    c0, r0 = (x[0] if x[0] > y[0] else y[0]), (x[1] if x[1] > y[1] else y[1])
+    c1, r1 = (x[2] if x[2] < y[2] else y[2]), (x[3] if x[3] < y[3] else y[3])
+    return (c0, r0, c1, r1) if c0 < c1 and r0 < r1 else None
+
+
+def crop(mask: np.ndarray, row: int, col: int, box: Box) -> np.ndarray:
+    """The part of a mask placed at (row, col) inside `box`, a box within the mask's own."""
+    return mask[box[1] - row:box[3] - row, box[0] - col:box[2] - col]
+
+
+def compared_region(a: Instance, b: Instance) -> tuple[Box, tuple[int, int]] | None:
     """Where two detections are compared, and the (col, row) shift that carries b's pixels there.
 
     Same window: both whole masks, no shift. Overlapping windows: their intersection, no shift. Windows
@@ -130,11 +138,11 @@ def compared_region(a: Instance, b: Instance) -> tuple[Rect, tuple[int, int]] | 
     it. Windows meeting only at a corner, or apart: None (a corner object links through its edge fragments).
     """
     if a.window == b.window:
-        return Rect(min(a.box.col0, b.box.col0), min(a.box.row0, b.box.row0), max(a.box.col1, b.box.col1),
-                    max(a.box.row1, b.box.row1)), (0, 0)
+        return (min(a.box.col0, b.box.col0), min(a.box.row0, b.box.row0), max(a.box.col1, b.box.col1),
+                max(a.box.row1, b.box.row1)), (0, 0)
     shared = a.window.intersection(b.window)
     if not shared.empty:
-        return shared, (0, 0)
+        return shared.tuple(), (0, 0)
     lo, hi = [shared.col0, shared.row0], [shared.col1, shared.row1]
     across = [axis for axis in (0, 1) if hi[axis] == lo[axis]]
     if len(across) != 1 or hi[1 - across[0]] <= lo[1 - across[0]]:
@@ -144,7 +152,7 @@ def compared_region(a: Instance, b: Instance) -> tuple[Rect, tuple[int, int]] | 
     shift = [0, 0]
     shift[axis] = 1 if a_before else -1
     lo[axis], hi[axis] = (seam - 1, seam) if a_before else (seam, seam + 1)
-    return Rect(lo[0], lo[1], hi[0], hi[1]), (shift[0], shift[1])
+    return (lo[0], lo[1], hi[0], hi[1]), (shift[0], shift[1])
 
 
 def agreement(a: Instance, b: Instance, rule: SeamRule) -> int:
@@ -154,18 +162,18 @@ def agreement(a: Instance, b: Instance, rule: SeamRule) -> int:
     if found is None:
         return 0
     region, (dc, dr) = found
-    rect = region.tuple()
-    b_row, b_col = b.row - dr, b.col - dc  # b's pixels carried into the region (across an abutting seam)
-    area_a = int(np.count_nonzero(pixels_in(a.mask, a.row, a.col, rect)))
-    area_b = int(np.count_nonzero(pixels_in(b.mask, b_row, b_col, rect)))
-    if area_a == 0 or area_b == 0:
-        return 0
     (ah, aw), (bh, bw) = a.mask.shape, b.mask.shape
-    shared = (max(a.col, b_col, rect[0]), max(a.row, b_row, rect[1]),
-              min(a.col + aw, b_col + bw, rect[2]), min(a.row + ah, b_row + bh, rect[3]))
-    if shared[2] <= shared[0] or shared[3] <= shared[1]:
+    b_row, b_col = b.row - dr, b.col - dc  # b's pixels carried into the region (across an abutting seam)
+    in_a = shared_box((a.col, a.row, a.col + aw, a.row + ah), region)
+    in_b = shared_box((b_col, b_row, b_col + bw, b_row + bh), region)
+    if in_a is None or in_b is None:
         return 0
-    inter = int(np.count_nonzero(pixels_in(a.mask, a.row, a.col, shared) & pixels_in(b.mask, b_row, b_col, shared)))
+    area_a = int(np.count_nonzero(crop(a.mask, a.row, a.col, in_a)))
+    area_b = int(np.count_nonzero(crop(b.mask, b_row, b_col, in_b)))
+    both = shared_box(in_a, in_b)
+    if area_a == 0 or area_b == 0 or both is None:
+        return 0
+    inter = int(np.count_nonzero(crop(a.mask, a.row, a.col, both) & crop(b.mask, b_row, b_col, both)))
     if inter == 0:
         return 0
     same = inter / (area_a + area_b - inter) >= rule.iou_threshold or inter / min(area_a, area_b) >= rule.ios_threshold
@@ -252,8 +260,8 @@ def outside(inst: Instance, rect: Rect) -> Instance | None:
         return inst
     mask = inst.mask.copy()
     mask[inside.row0 - inst.row:inside.row1 - inst.row, inside.col0 - inst.col:inside.col1 - inst.col] = False
-    (crop,), origin, nonempty = tight([mask], np.array([[inst.row, inst.col]]))
-    return replace(inst, row=int(origin[0, 0]), col=int(origin[0, 1]), mask=crop) if nonempty[0] else None
+    (piece,), origin, nonempty = tight([mask], np.array([[inst.row, inst.col]]))
+    return replace(inst, row=int(origin[0, 0]), col=int(origin[0, 1]), mask=piece) if nonempty[0] else None
 
 
 def resolve(instances: list[Instance], pairs: list[tuple[int, int]], grid: WindowGrid,
