@@ -1,13 +1,15 @@
 """A real model's view for the seam merge, and the yardstick that counts what the merge makes of it.
 
 The oracle (tests/oracle.py) reports every fragment exactly as it is; a real model does not. Here each
-window reports the true fragments it sees, but each grown or shrunk by up to 2 px (a different draw in every
-window, so two windows see one object with outlines up to 4 px apart, and a view cut by a window's inner
-edge may stop up to 2 px short of it or be a sliver of a few pixels), scores drawn in [0.6, 1], and some
-classes flipped from one window to the next (class 1 in one window, 2 in its neighbour). It works at the
-merge's level (compact detections through `from_compact`, as a worker makes them): no raster, no Ray, so a
-scene of 512 px windows costs milliseconds. Shared by tests/test_seams_perturbed.py and
-tests/benchmarks/bench_seams.py.
+window reports the true objects it sees, each with its outline grown or shrunk by up to 2 px (a different
+draw in every window, so two windows see one object with outlines up to 4 px apart, and an object just
+across a window's inner edge may give it a sliver of a few pixels), scores drawn in [0.6, 1], and some
+classes flipped from one window to the next (class 1 in one window, 2 in its neighbour). Where a window's
+edge cuts an object, its view reaches the edge, as a model's mask of an object running off its image does;
+or, with `cut_views_shrink`, the cut fragment itself is shrunk, so the view may stop up to 2 px short of
+the edge. It works at the merge's level (compact detections through `from_compact`, as a worker makes
+them): no raster, no Ray, so a scene of 512 px windows costs milliseconds. Shared by
+tests/test_seams_perturbed.py and tests/benchmarks/bench_seams.py.
 """
 
 from __future__ import annotations
@@ -48,8 +50,8 @@ def seam_scene(tile: int, overlap: int, seed: int, count: int = 40) -> tuple[Win
     """A scene of 3 x 3 windows and its objects, laid across the seams: a block on a four-window corner
     (larger than the overlap), a bar across every column (longer than a window), a ring with a hole across a
     seam, two objects 2 px apart astride a seam, then random rectangles, L-shapes, rings and two-part objects,
-    four in five centred near a seam. Every object is at least 8 px thick (a 2 px shrink leaves it whole) and at least
-    2 px from every other (a 2 px growth makes neighbours' views overlap, as a real model's do).
+    four in five centred near a seam. Every object is at least 8 px thick (a 2 px shrink leaves it whole)
+    and at least 2 px from every other (a 2 px growth makes neighbours' views overlap, as a real model's do).
 
     Without overlap, the windows share only the seam line, and two objects facing each other across it,
     each within JITTER px of it, look exactly like one object cut there whose views stop short of it or
