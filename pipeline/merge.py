@@ -45,6 +45,8 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 import shapely
+from scipy import sparse
+from scipy.sparse import csgraph
 
 from pipeline.features import Rows
 from pipeline.instances import Instance, tight
@@ -203,15 +205,27 @@ def clusters(n: int, pairs: list[tuple[int, int]]) -> list[list[int]]:
 
 def components(instances: list[Instance], rule: SeamRule) -> list[tuple[list[int], list[tuple[int, int]]]]:
     """Detections that may interact (candidate pairs, transitively), which one resolution must see together:
-    each component's members and its candidate pairs in the members' own numbering."""
-    pairs = [tuple(p) for p in candidate_pairs(instances, rule).tolist()]
-    groups = clusters(len(instances), pairs)
-    where = {i: (g, k) for g, members in enumerate(groups) for k, i in enumerate(members)}
-    local: list[list[tuple[int, int]]] = [[] for _ in groups]
-    for i, j in pairs:
-        g, a = where[i]
-        local[g].append((a, where[j][1]))
-    return list(zip(groups, local))
+    each component's members (increasing) and its candidate pairs in the members' own numbering, components
+    in the order of their first member. In arrays (scipy's connected components): it runs over every pending
+    detection of a scene."""
+    n = len(instances)
+    pairs = candidate_pairs(instances, rule)
+    graph = sparse.coo_array((np.ones(len(pairs), dtype=np.int8), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
+    _, label = csgraph.connected_components(graph, directed=False)
+    _, first = np.unique(label, return_index=True)  # each component's first member
+    rank = np.empty_like(first)
+    rank[np.argsort(first)] = np.arange(len(first))
+    group = rank[label]
+    order = np.argsort(group, kind="stable")
+    starts = np.searchsorted(group[order], np.arange(len(first) + 1))
+    position = np.empty(n, dtype=np.int64)
+    position[order] = np.arange(n) - starts[group[order]]
+    by_group = np.argsort(group[pairs[:, 0]], kind="stable")
+    pair_starts = np.searchsorted(group[pairs[by_group, 0]], np.arange(len(first) + 1))
+    members = order.tolist()
+    local = list(zip(position[pairs[by_group, 0]].tolist(), position[pairs[by_group, 1]].tolist()))
+    return [(members[s:e], local[ps:pe]) for s, e, ps, pe in
+            zip(starts[:-1].tolist(), starts[1:].tolist(), pair_starts[:-1].tolist(), pair_starts[1:].tolist())]
 
 
 def edge_room(inst: Instance, grid: WindowGrid) -> int:
