@@ -231,9 +231,17 @@ def components(instances: list[Instance], rule: SeamRule) -> list[tuple[list[int
 def edge_room(inst: Instance, grid: WindowGrid) -> int:
     """Pixels between a detection's box and the nearest inner edge of its window (a large number if none)."""
     box, win = inst.box, inst.window
-    inner = grid.inner(win)
-    gaps = [box.col0 - win.col0, box.row0 - win.row0, win.col1 - box.col1, win.row1 - box.row1]
-    return min((g for g, i in zip(gaps, inner) if i), default=1 << 30)
+    left, top, right, bottom = grid.inner(win)
+    room = 1 << 30
+    if left:
+        room = box.col0 - win.col0
+    if top and box.row0 - win.row0 < room:
+        room = box.row0 - win.row0
+    if right and win.col1 - box.col1 < room:
+        room = win.col1 - box.col1
+    if bottom and win.row1 - box.row1 < room:
+        room = win.row1 - box.row1
+    return room
 
 
 def edge_depth(inst: Instance, grid: WindowGrid) -> int:
@@ -287,7 +295,8 @@ def resolve(instances: list[Instance], pairs: list[tuple[int, int]], grid: Windo
         return [merged(instances, only)] if is_whole(only, grid, rule) or stands_alone(instances, grid, rule) else []
     weight = {(i, j): agreement(instances[i], instances[j], rule) for i, j in pairs}
     matched = [(i, j) for (i, j), w in weight.items() if w]
-    whole = [is_whole(inst, grid, rule) for inst in instances]
+    room = [edge_room(inst, grid) for inst in instances]
+    whole = [r > rule.edge_margin for r in room]
     groups = clusters(len(instances), [(i, j) for i, j in matched if whole[i] == whole[j]])
     group_of = {i: g for g, members in enumerate(groups) for i in members}
     joined: dict[int, list[int]] = {g: [] for g, members in enumerate(groups) if whole[members[0]]}
@@ -309,7 +318,8 @@ def resolve(instances: list[Instance], pairs: list[tuple[int, int]], grid: Windo
             objects.append(merged(parts, None))
     for g, extra in joined.items():
         views = [instances[i] for i in groups[g]]
-        view = max(views, key=lambda v: (edge_room(v, grid), v.score, -v.tile, -v.position))
+        view = instances[max(groups[g], key=lambda i: (room[i], instances[i].score, -instances[i].tile,
+                                                       -instances[i].position))]
         parts = views + [instances[i] for i in extra]
         ground = whole_ground(view.window, grid, rule)
         beyond = [piece for p in parts if not ground.contains(p.box)
