@@ -5,20 +5,30 @@ The rule (`SeamRule`), in the README's words:
   intersection of the two windows): IoU >= `iou_threshold`, or intersection over the smaller mask there
   >= `ios_threshold`. Two detections of one window (duplicates) are compared on their whole masks. Windows
   that only abut (`overlap` 0) share no pixel; there the last pixel line of one is compared with the first
-  of the other, one pixel across. Whole-mask IoU would be wrong for fragments: a fragment holding 30 % of an
-  object has a low IoU with its neighbour's fragment.
-- A view that comes within `edge_margin` pixels of an inner edge of its window (an edge inside the scene,
-  not the scene's own) may be cut there: it is *truncated*; any other view is *whole*. A model sees a
-  whole view with context on every side, so a whole view stands for its object as it is; truncated views
-  that agree with it join it (its score and class count) without changing its outline. Truncated views of
-  an object no window saw whole (larger than the overlap, or cut by the seams) are united. Truncated views
-  lying in ground another window saw whole (inside that window, clear of its inner edges) yield to what
-  that window found there, and are dropped if they agree with none of it: a 2 px sliver along a window's
-  edge never stands alone.
+  of the other, one pixel across (so a view that stops short of the seam line cannot be told from a
+  neighbour that close across it: a model whose cut views may stop short of its tile's edge needs overlap).
+  Whole-mask IoU would be wrong for fragments: a fragment holding 30 % of an object has a low IoU with its
+  neighbour's fragment.
+- A view whose box comes within `edge_margin` pixels of an inner edge of its window (an edge inside the
+  scene, not the scene's own; a gap of `edge_margin` pixels or fewer) may be cut there: it is *truncated*;
+  any other view is *whole*. `edge_margin` is the model's outline error: its view of an object that the
+  edge cuts may stop up to that far short of the edge. A model sees a whole view with context on every
+  side, so a whole view stands for its object as it is wherever its window saw with context (clear of the
+  inner edges by more than `edge_margin`): views that agree with it join it (their score and class count)
+  without changing its outline there; only their pixels beyond that ground are added (the part of a
+  two-part object that lies past the window's edge, or so near it that the model missed it).
+- Truncated views of an object no window saw whole (larger than the overlap, or cut by the seams) are
+  united. Truncated views lying in ground another window saw whole (inside that window, clear of its inner
+  edges) yield to what that window found there, and are dropped if they agree with none of it: a 2 px
+  sliver along a window's edge never stands alone. Nor does a *sliver* where no other window saw the ground
+  (windows without overlap): truncated views reaching less than 2 * `edge_margin` pixels into their window,
+  which may be nothing but one view's excess where the neighbour's view of the object, short by up to
+  `edge_margin`, does not reach the seam line, are dropped when they join nothing.
 - With `class_agnostic`, views of different classes can be one object (a model's class confusion across a
   seam); without it, only views of one class are.
-- An object's class and score are those of its highest-scoring view; its outline is its most central whole
-  view (farthest from its window's inner edges), else the union of its views.
+- An object's class and score are those of its highest-scoring view (ties: the earliest window and
+  position); its outline is its most central whole view (farthest from its window's inner edges) with the
+  pieces above, else the union of its views.
 - Distinct objects, however close, have (nearly) disjoint masks and never merge; a truncated view joins at
   most one whole object, so it can never glue two together.
 
@@ -31,13 +41,15 @@ sets how far from every other window a window's private region keeps (`WindowGri
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import shapely
+from scipy import sparse
+from scipy.sparse import csgraph
 
 from pipeline.features import Rows
-from pipeline.instances import Instance
+from pipeline.instances import Instance, tight
 from pipeline.rect import Rect
 from pipeline.windows import WindowGrid
 
@@ -58,19 +70,20 @@ class SeamRule:
 @dataclass
 class MergedObject:
     key: tuple[int, int]  # its earliest view's (window index, position): its row's place in the output
-    view: Instance | None  # the view whose outline stands, or None: the union of `parts`
-    parts: list[Instance]
+    view: Instance | None  # the view whose outline stands, or None: the union of `pieces`
+    parts: list[Instance]  # every view of the object
     score: float
     label: int
+    pieces: list[Instance] = field(default_factory=list)  # what the outline unites when `view` is None
 
     def mask(self) -> tuple[np.ndarray, int, int]:
-        """(bool mask, row, col) of the object's outline."""
+        """(bool mask, row, col) of the object's outline (tight: the pieces are)."""
         if self.view is not None:
             return self.view.mask, self.view.row, self.view.col
-        c0, r0 = min(m.col for m in self.parts), min(m.row for m in self.parts)
-        c1, r1 = max(m.box.col1 for m in self.parts), max(m.box.row1 for m in self.parts)
+        c0, r0 = min(m.col for m in self.pieces), min(m.row for m in self.pieces)
+        c1, r1 = max(m.box.col1 for m in self.pieces), max(m.box.row1 for m in self.pieces)
         mask = np.zeros((r1 - r0, c1 - c0), dtype=bool)
-        for m in self.parts:
+        for m in self.pieces:
             h, w = m.mask.shape
             mask[m.row - r0:m.row - r0 + h, m.col - c0:m.col - c0 + w] |= m.mask
         return mask, r0, c0
@@ -104,13 +117,22 @@ def candidate_pairs(instances: list[Instance], rule: SeamRule) -> np.ndarray:
     return np.stack([i[keep], j[keep]], axis=1)
 
 
-def pixels_in(inst: Instance, rect: Rect) -> np.ndarray:
-    """The part of `inst.mask` inside a scene rectangle (clipped to the mask's box; possibly empty)."""
-    r0, c0 = max(rect.row0 - inst.row, 0), max(rect.col0 - inst.col, 0)
-    return inst.mask[r0:max(rect.row1 - inst.row, r0), c0:max(rect.col1 - inst.col, c0)]
+Box = tuple[int, int, int, int]  # (col0, row0, col1, row1) as plain ints: what runs once per candidate pair
 
 
-def compared_region(a: Instance, b: Instance) -> tuple[Rect, tuple[int, int]] | None:
+def shared_box(x: Box, y: Box) -> Box | None:
+    """The pixels two boxes share, or None."""
+    c0, r0 = (x[0] if x[0] > y[0] else y[0]), (x[1] if x[1] > y[1] else y[1])
+    c1, r1 = (x[2] if x[2] < y[2] else y[2]), (x[3] if x[3] < y[3] else y[3])
+    return (c0, r0, c1, r1) if c0 < c1 and r0 < r1 else None
+
+
+def crop(mask: np.ndarray, row: int, col: int, box: Box) -> np.ndarray:
+    """The part of a mask placed at (row, col) inside `box`, a box within the mask's own."""
+    return mask[box[1] - row:box[3] - row, box[0] - col:box[2] - col]
+
+
+def compared_region(a: Instance, b: Instance) -> tuple[Box, tuple[int, int]] | None:
     """Where two detections are compared, and the (col, row) shift that carries b's pixels there.
 
     Same window: both whole masks, no shift. Overlapping windows: their intersection, no shift. Windows
@@ -118,11 +140,11 @@ def compared_region(a: Instance, b: Instance) -> tuple[Rect, tuple[int, int]] | 
     it. Windows meeting only at a corner, or apart: None (a corner object links through its edge fragments).
     """
     if a.window == b.window:
-        return Rect(min(a.box.col0, b.box.col0), min(a.box.row0, b.box.row0), max(a.box.col1, b.box.col1),
-                    max(a.box.row1, b.box.row1)), (0, 0)
+        return (min(a.box.col0, b.box.col0), min(a.box.row0, b.box.row0), max(a.box.col1, b.box.col1),
+                max(a.box.row1, b.box.row1)), (0, 0)
     shared = a.window.intersection(b.window)
     if not shared.empty:
-        return shared, (0, 0)
+        return shared.tuple(), (0, 0)
     lo, hi = [shared.col0, shared.row0], [shared.col1, shared.row1]
     across = [axis for axis in (0, 1) if hi[axis] == lo[axis]]
     if len(across) != 1 or hi[1 - across[0]] <= lo[1 - across[0]]:
@@ -132,7 +154,7 @@ def compared_region(a: Instance, b: Instance) -> tuple[Rect, tuple[int, int]] | 
     shift = [0, 0]
     shift[axis] = 1 if a_before else -1
     lo[axis], hi[axis] = (seam - 1, seam) if a_before else (seam, seam + 1)
-    return Rect(lo[0], lo[1], hi[0], hi[1]), (shift[0], shift[1])
+    return (lo[0], lo[1], hi[0], hi[1]), (shift[0], shift[1])
 
 
 def agreement(a: Instance, b: Instance, rule: SeamRule) -> int:
@@ -142,16 +164,18 @@ def agreement(a: Instance, b: Instance, rule: SeamRule) -> int:
     if found is None:
         return 0
     region, (dc, dr) = found
-    if dc or dr:
-        b = replace(b, col=b.col - dc, row=b.row - dr)  # a view: the mask is not copied
-    area_a = int(np.count_nonzero(pixels_in(a, region)))
-    area_b = int(np.count_nonzero(pixels_in(b, region)))
-    if area_a == 0 or area_b == 0:
+    (ah, aw), (bh, bw) = a.mask.shape, b.mask.shape
+    b_row, b_col = b.row - dr, b.col - dc  # b's pixels carried into the region (across an abutting seam)
+    in_a = shared_box((a.col, a.row, a.col + aw, a.row + ah), region)
+    in_b = shared_box((b_col, b_row, b_col + bw, b_row + bh), region)
+    if in_a is None or in_b is None:
         return 0
-    shared = a.box.intersection(b.box).intersection(region)
-    if shared.empty:
+    area_a = int(np.count_nonzero(crop(a.mask, a.row, a.col, in_a)))
+    area_b = int(np.count_nonzero(crop(b.mask, b_row, b_col, in_b)))
+    both = shared_box(in_a, in_b)
+    if area_a == 0 or area_b == 0 or both is None:
         return 0
-    inter = int(np.count_nonzero(pixels_in(a, shared) & pixels_in(b, shared)))
+    inter = int(np.count_nonzero(crop(a.mask, a.row, a.col, both) & crop(b.mask, b_row, b_col, both)))
     if inter == 0:
         return 0
     same = inter / (area_a + area_b - inter) >= rule.iou_threshold or inter / min(area_a, area_b) >= rule.ios_threshold
@@ -181,28 +205,85 @@ def clusters(n: int, pairs: list[tuple[int, int]]) -> list[list[int]]:
 
 def components(instances: list[Instance], rule: SeamRule) -> list[tuple[list[int], list[tuple[int, int]]]]:
     """Detections that may interact (candidate pairs, transitively), which one resolution must see together:
-    each component's members and its candidate pairs in the members' own numbering."""
-    pairs = [tuple(p) for p in candidate_pairs(instances, rule).tolist()]
-    groups = clusters(len(instances), pairs)
-    where = {i: (g, k) for g, members in enumerate(groups) for k, i in enumerate(members)}
-    local: list[list[tuple[int, int]]] = [[] for _ in groups]
-    for i, j in pairs:
-        g, a = where[i]
-        local[g].append((a, where[j][1]))
-    return list(zip(groups, local))
+    each component's members (increasing) and its candidate pairs in the members' own numbering, components
+    in the order of their first member. In arrays (scipy's connected components): it runs over every pending
+    detection of a scene."""
+    n = len(instances)
+    pairs = candidate_pairs(instances, rule)
+    graph = sparse.coo_array((np.ones(len(pairs), dtype=np.int8), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
+    _, label = csgraph.connected_components(graph, directed=False)
+    _, first = np.unique(label, return_index=True)  # each component's first member
+    rank = np.empty_like(first)
+    rank[np.argsort(first)] = np.arange(len(first))
+    group = rank[label]
+    order = np.argsort(group, kind="stable")
+    starts = np.searchsorted(group[order], np.arange(len(first) + 1))
+    position = np.empty(n, dtype=np.int64)
+    position[order] = np.arange(n) - starts[group[order]]
+    by_group = np.argsort(group[pairs[:, 0]], kind="stable")
+    pair_starts = np.searchsorted(group[pairs[by_group, 0]], np.arange(len(first) + 1))
+    members = order.tolist()
+    local = list(zip(position[pairs[by_group, 0]].tolist(), position[pairs[by_group, 1]].tolist()))
+    return [(members[s:e], local[ps:pe]) for s, e, ps, pe in
+            zip(starts[:-1].tolist(), starts[1:].tolist(), pair_starts[:-1].tolist(), pair_starts[1:].tolist())]
 
 
 def edge_room(inst: Instance, grid: WindowGrid) -> int:
     """Pixels between a detection's box and the nearest inner edge of its window (a large number if none)."""
     box, win = inst.box, inst.window
-    inner = grid.inner(win)
-    gaps = [box.col0 - win.col0, box.row0 - win.row0, win.col1 - box.col1, win.row1 - box.row1]
-    return min((g for g, i in zip(gaps, inner) if i), default=1 << 30)
+    left, top, right, bottom = grid.inner(win)
+    room = 1 << 30
+    if left:
+        room = box.col0 - win.col0
+    if top and box.row0 - win.row0 < room:
+        room = box.row0 - win.row0
+    if right and win.col1 - box.col1 < room:
+        room = win.col1 - box.col1
+    if bottom and win.row1 - box.row1 < room:
+        room = win.row1 - box.row1
+    return room
+
+
+def edge_depth(inst: Instance, grid: WindowGrid) -> int:
+    """Pixels a detection's box reaches into its window from the nearest inner edge (a large number if none)."""
+    box, win = inst.box, inst.window
+    depths = [box.col1 - win.col0, box.row1 - win.row0, win.col1 - box.col0, win.row1 - box.row0]
+    return min((d for d, i in zip(depths, grid.inner(win)) if i), default=1 << 30)
+
+
+def is_whole(inst: Instance, grid: WindowGrid, rule: SeamRule) -> bool:
+    return edge_room(inst, grid) > rule.edge_margin
+
+
+def whole_ground(window: Rect, grid: WindowGrid, rule: SeamRule) -> Rect:
+    """The part of a window where its views are whole: clear of its inner edges by more than the margin."""
+    return grid.core(window, rule.edge_margin + 1)
 
 
 def seen_whole_elsewhere(box: Rect, windows: set[int], grid: WindowGrid, rule: SeamRule) -> bool:
-    """Did a window other than `windows` see all of `box`, clear of its own inner edges?"""
-    return any(grid.core(grid[w], rule.edge_margin).contains(box) for w in grid.seen_by(box) if w not in windows)
+    """Did a window other than `windows` see all of `box` where its views are whole?"""
+    return any(whole_ground(grid[w], grid, rule).contains(box) for w in grid.seen_by(box) if w not in windows)
+
+
+def stands_alone(parts: list[Instance], grid: WindowGrid, rule: SeamRule) -> bool:
+    """Does a group of truncated views that joined no whole view stand as an object? Not when all of it is
+    slivers, nor when another window saw its ground whole (see the module docstring)."""
+    if all(edge_depth(p, grid) < 2 * rule.edge_margin for p in parts):
+        return False
+    box = Rect(min(p.box.col0 for p in parts), min(p.box.row0 for p in parts),
+               max(p.box.col1 for p in parts), max(p.box.row1 for p in parts))
+    return not seen_whole_elsewhere(box, {p.tile for p in parts}, grid, rule)
+
+
+def outside(inst: Instance, rect: Rect) -> Instance | None:
+    """The pixels of a detection outside a rectangle, as a detection cropped to them (None: there are none)."""
+    inside = rect.intersection(inst.box)
+    if inside.empty:
+        return inst
+    mask = inst.mask.copy()
+    mask[inside.row0 - inst.row:inside.row1 - inst.row, inside.col0 - inst.col:inside.col1 - inst.col] = False
+    (piece,), origin, nonempty = tight([mask], np.array([[inst.row, inst.col]]))
+    return replace(inst, row=int(origin[0, 0]), col=int(origin[0, 1]), mask=piece) if nonempty[0] else None
 
 
 def resolve(instances: list[Instance], pairs: list[tuple[int, int]], grid: WindowGrid,
@@ -211,13 +292,11 @@ def resolve(instances: list[Instance], pairs: list[tuple[int, int]], grid: Windo
     the rule of the module docstring; nothing outside a component could change its result."""
     if len(instances) == 1:  # most components: one detection, whole or standing alone or yielding
         (only,) = instances
-        if edge_room(only, grid) >= rule.edge_margin or not seen_whole_elsewhere(only.box, {only.tile}, grid, rule):
-            return [merged(instances, only)]
-        return []
+        return [merged(instances, only)] if is_whole(only, grid, rule) or stands_alone(instances, grid, rule) else []
     weight = {(i, j): agreement(instances[i], instances[j], rule) for i, j in pairs}
     matched = [(i, j) for (i, j), w in weight.items() if w]
     room = [edge_room(inst, grid) for inst in instances]
-    whole = [r >= rule.edge_margin for r in room]
+    whole = [r > rule.edge_margin for r in room]
     groups = clusters(len(instances), [(i, j) for i, j in matched if whole[i] == whole[j]])
     group_of = {i: g for g, members in enumerate(groups) for i in members}
     joined: dict[int, list[int]] = {g: [] for g, members in enumerate(groups) if whole[members[0]]}
@@ -235,14 +314,17 @@ def resolve(instances: list[Instance], pairs: list[tuple[int, int]], grid: Windo
             joined[max(ties, key=lambda t: (ties[t], -t))] += members
             continue
         parts = [instances[i] for i in members]
-        box = Rect(min(p.box.col0 for p in parts), min(p.box.row0 for p in parts),
-                   max(p.box.col1 for p in parts), max(p.box.row1 for p in parts))
-        if not seen_whole_elsewhere(box, {p.tile for p in parts}, grid, rule):
+        if stands_alone(parts, grid, rule):
             objects.append(merged(parts, None))
     for g, extra in joined.items():
         views = [instances[i] for i in groups[g]]
-        view = max(views, key=lambda v: (edge_room(v, grid), v.score, -v.tile, -v.position))
-        objects.append(merged(views + [instances[i] for i in extra], view))
+        view = instances[max(groups[g], key=lambda i: (room[i], instances[i].score, -instances[i].tile,
+                                                       -instances[i].position))]
+        parts = views + [instances[i] for i in extra]
+        ground = whole_ground(view.window, grid, rule)
+        beyond = [piece for p in parts if not ground.contains(p.box)
+                  for piece in [outside(p, ground)] if piece is not None]
+        objects.append(merged(parts, view, beyond))
     return sorted(objects, key=lambda o: o.key)
 
 
@@ -254,14 +336,16 @@ def merge_scene(instances: list[Instance], grid: WindowGrid, rule: SeamRule) -> 
     return sorted(found, key=lambda o: o.key)
 
 
-def merged(members: list[Instance], view: Instance | None) -> MergedObject:
-    """The object of `members`: outlined by `view`, or by the union of the members (by the one member itself
-    when there is one); class and score of the best-scoring member."""
+def merged(members: list[Instance], view: Instance | None, beyond: list[Instance] | None = None) -> MergedObject:
+    """The object of `members`: outlined by `view` with the pieces of the others `beyond` the ground where
+    it is whole, or by the union of the members (by the one member itself when there is one); class and
+    score of the best-scoring member."""
     best = max(members, key=lambda m: (m.score, -m.tile, -m.position))
     if view is None and len(members) == 1:
         view = members[0]
-    return MergedObject(key=min(m.key for m in members), view=view, parts=members, score=best.score,
-                        label=best.label)
+    pieces = members if view is None else [view, *beyond] if beyond else []
+    return MergedObject(key=min(m.key for m in members), view=None if pieces else view, parts=members,
+                        score=best.score, label=best.label, pieces=pieces)
 
 
 def settle_tile(instances: list[Instance], grid: WindowGrid, tile: int,

@@ -222,6 +222,11 @@ def test_settling_each_window_early_gives_exactly_the_scene_merge(tile, overlap,
         col = min(max(inst.col + dc, win.col0), win.col1 - inst.mask.shape[1])
         raw.append(Instance(row=int(row), col=int(col), mask=inst.mask, score=inst.score / 2, label=inst.label,
                             window=win, tile=inst.tile, position=100 + inst.position))
+    assert_settling_early_changes_nothing(raw, grid)
+
+
+def assert_settling_early_changes_nothing(raw: list[Instance], grid: WindowGrid) -> None:
+    """Each window settled on its own (`settle_tile`), then the rest merged: exactly the scene-wide merge."""
     final, pending = [], []
     for i in range(len(grid)):
         settled, waiting = settle_tile([r for r in raw if r.tile == i], grid, i, RULE)
