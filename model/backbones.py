@@ -19,7 +19,7 @@ from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
 
-from model.errors import UserError, first_line
+from core.errors import UserError, first_line
 
 # torchvision's swin_t/s/b architectures (their factories fix stochastic depth, so build them directly).
 SWIN_ARCHS = {

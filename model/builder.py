@@ -11,7 +11,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign
 
 from model.backbones import build_backbone
-from model.errors import UserError
+from core.errors import UserError
 
 
 class NativeSizeTransform(GeneralizedRCNNTransform):

@@ -20,9 +20,10 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from model.config import DEFAULTS, merge, validate_model
-from model.errors import UserError, first_line
-from model.files import atomic_path
+from core.yaml_files import merge
+from model.config import DEFAULTS, validate_model
+from core.errors import UserError, first_line
+from core.files import atomic_path
 
 if TYPE_CHECKING:
     from torch import nn

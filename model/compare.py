@@ -10,7 +10,7 @@ from model.checkpoint import load_checkpoint
 from model.config import load_config
 from model.dataset import CocoTiles
 from model.evaluate import evaluate_model
-from model.files import atomic_path
+from core.files import atomic_path
 from model.train import TrainOptions, train
 
 COLUMNS = ("backbone", "parameters", "train s/iter", "inference s/tile", "bbox AP", "segm AP")

@@ -14,7 +14,7 @@ from pycocotools import mask as mask_utils
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from torch.utils.data import Dataset
 
-from model.errors import UserError
+from core.errors import UserError
 
 
 def decode_segmentation(segmentation: Any, height: int, width: int) -> np.ndarray:

@@ -22,9 +22,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from model.backbones import IMAGENET, resolve_weights_path
-from model.config import merge
-from model.errors import UserError, first_line
-from model.cluster import check_gpus, connect_ray
+from core.yaml_files import merge
+from core.errors import UserError, first_line
+from core.cluster import check_gpus, connect_ray
 from model.train import Plan, ProgressBar, TrainOptions, build_session, plan_training, run_loop
 
 

@@ -18,10 +18,10 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from model.checkpoint import load_checkpoint
-from model.cluster import check_gpus
+from core.cluster import check_gpus
 from model.dataset import CocoTiles, collate
-from model.errors import UserError
-from model.files import atomic_path
+from core.errors import UserError
+from core.files import atomic_path
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # COCOeval.stats[0:6]; -1 = no objects of that size
 

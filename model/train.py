@@ -30,11 +30,11 @@ from model.augment import aerial_augmentations
 from model.builder import build_model
 from model.checkpoint import (check_compatible, read_checkpoint, read_checkpoint_header, read_train_state, save_training,
                               train_state_path)
-from model.cluster import check_gpus
+from core.cluster import check_gpus
 from model.dataset import CocoTiles, collate
-from model.errors import UserError
+from core.errors import UserError
 from model.evaluate import evaluate_model
-from model.files import check_writable
+from core.files import check_writable
 from model.optim import build_optimizer, build_scheduler
 
 LOSS_NAMES = ("loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg")

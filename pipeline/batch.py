@@ -18,8 +18,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from model.errors import UserError
-from model.files import check_not_input, check_writable, exclusive, lock_path
+from core.errors import UserError
+from core.files import check_not_input, check_writable, exclusive, lock_path
 from pipeline.pool import RayPool
 from pipeline.raster import is_virtual
 from pipeline.run import run_job

@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from model.cluster import release_ray
-from model.errors import Interrupted, UserError, first_line
+from core.cluster import release_ray
+from core.errors import Interrupted, UserError, first_line
 from pipeline.writers import FORMATS
 
 EXIT_BAD_INPUT, EXIT_INCOMPLETE, EXIT_INTERRUPTED = 2, 3, 130
@@ -262,7 +262,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from pipeline.prepare import prepare
+    from pipeline.training_data.prepare import prepare
     from pipeline.settings import load_settings
 
     settings = load_settings(args.config, overrides_from(args))
@@ -329,7 +329,7 @@ def _show_ray_warnings(show: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # SIGTERM stops like Ctrl-C: save, report, exit 130. In place before any Ray starts (model.cluster keeps
+    # SIGTERM stops like Ctrl-C: save, report, exit 130. In place before any Ray starts (core.cluster keeps
     # it through ray.init, and holds it while Ray's processes start so that stopping them stops them all).
     signal.signal(signal.SIGTERM, _raise_interrupt)
     _show_ray_warnings(args.debug)

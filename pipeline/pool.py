@@ -14,8 +14,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from model.cluster import check_gpus, connect_ray, in_flight, shutdown_ray
-from model.errors import UserError, reason
+from core.cluster import check_gpus, connect_ray, in_flight, shutdown_ray
+from core.errors import UserError, reason
 from pipeline.worker import SceneSpec, TileOutput, TileWorker
 
 MAX_ATTEMPTS = 3  # per batch; a batch failing this often is reported by window, never silently dropped

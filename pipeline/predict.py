@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from model.checkpoint import load_checkpoint, read_checkpoint_header
-from model.errors import UserError
+from core.errors import UserError
 
 if TYPE_CHECKING:  # torch is imported where the model runs (Ray workers), not by the driver
     import torch

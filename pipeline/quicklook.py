@@ -22,7 +22,7 @@ import shapely
 from affine import Affine
 from pyproj import CRS, Transformer
 
-from model.files import atomic_path
+from core.files import atomic_path
 from pipeline.raster import Overview, Scaling, SceneInfo, normalize, read_overview, to_uint8
 from pipeline.style import PALETTE, class_colour, label_name
 

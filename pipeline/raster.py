@@ -38,7 +38,7 @@ from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.windows import Window
 from scipy import ndimage
 
-from model.errors import UserError, first_line
+from core.errors import UserError, first_line
 from pipeline.rect import Rect
 
 SAMPLE_SIDE = 1024  # long side of the decimated read used for percentile statistics

@@ -21,7 +21,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from model.errors import UserError
+from core.errors import UserError
 from pipeline.pool import Batch, RayPool
 from pipeline.predict import CheckpointPredictor
 from pipeline.scene_run import SceneRun, SceneTask, run_metadata
@@ -55,7 +55,7 @@ def run_job(tasks: list[SceneTask], predictor: Callable, settings: dict[str, Any
     """Run every scene task and yield each scene's summary, in task order, as its output is written.
 
     `pool`: running model workers to use (the CLI's); by default Ray is started here and stopped at the end.
-    Ctrl-C raises `model.errors.Interrupted` once the tiles done so far are saved; a rerun resumes from them.
+    Ctrl-C raises `core.errors.Interrupted` once the tiles done so far are saved; a rerun resumes from them.
     """
     threshold = float(settings["run"]["score_threshold"])
     if isinstance(predictor, CheckpointPredictor) and predictor.score_threshold > threshold:

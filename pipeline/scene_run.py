@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 import shapely
 
-from model.errors import UserError
-from model.files import atomic_path, check_not_input, check_writable, exclusive, lock_path, remove_leftovers
+from core.errors import UserError
+from core.files import atomic_path, check_not_input, check_writable, exclusive, lock_path, remove_leftovers
 from pipeline.features import Rows
 from pipeline.merge import SceneMerge, SeamRule
 from pipeline.quicklook import Quicklook

@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from model.errors import UserError
+from core.errors import UserError
 from pipeline.raster import is_virtual
 
 MANIFEST_SUFFIXES = (".txt", ".lst", ".list")

@@ -9,8 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from model.config import layered
-from model.errors import UserError
+from core.yaml_files import layered
+from core.errors import UserError
 from pipeline.writers import FORMATS
 
 DEFAULTS: dict[str, Any] = {

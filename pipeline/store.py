@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from model.files import atomic_path
+from core.files import atomic_path
 from pipeline.features import Rows
 from pipeline.instances import InstanceBlock
 from pipeline.worker import TileOutput

@@ -16,7 +16,7 @@ from xml.sax.saxutils import quoteattr
 
 import numpy as np
 
-from model.files import atomic_path
+from core.files import atomic_path
 
 # Class 1, 2, ... outline colours (RGB), chosen to stand out on imagery; they repeat after the last one.
 PALETTE = np.array([(255, 40, 40), (40, 220, 255), (255, 220, 0), (255, 0, 200), (60, 255, 60),

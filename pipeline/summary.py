@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from model.errors import Interrupted
+from core.errors import Interrupted
 
 
 def interrupted(saved: list[tuple[int, int, Path]]) -> Interrupted:

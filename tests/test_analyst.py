@@ -78,7 +78,7 @@ def test_specks_and_tiny_objects_are_left_out(tmp_path, ray_session):
 def test_prepare_leaves_the_same_specks_out_of_its_labels():
     from rasterio.transform import from_origin
 
-    from pipeline.coco import annotation_body
+    from pipeline.training_data.coco import annotation_body
 
     transform = from_origin(0, 64, 1, 1)
     house = shapely.box(10, 30, 30, 50)

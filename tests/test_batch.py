@@ -6,13 +6,12 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-import geopandas as gpd
 import numpy as np
 import pyogrio
 import pytest
 from affine import Affine
 
-from model.errors import UserError
+from core.errors import UserError
 from pipeline.batch import run_scenes, work_file
 from pipeline.pool import RayPool
 from pipeline.scenes import expand_scenes, scene_name, unique_names

@@ -17,7 +17,7 @@ from affine import Affine
 from model.builder import build_model
 from model.checkpoint import load_checkpoint, read_checkpoint, read_checkpoint_header, save_checkpoint
 from model.config import load_config
-from model.errors import UserError
+from core.errors import UserError
 from pipeline.cli import main
 from tests.coco_fixtures import write_coco_tiles
 

@@ -37,7 +37,7 @@ from rasterio.windows import Window
 
 from model.builder import build_model
 from model.checkpoint import save_checkpoint
-from model.cluster import METRICS_PORTS_ANY, RAY_DEFAULT_PORTS, RayPorts
+from core.cluster import METRICS_PORTS_ANY, RAY_DEFAULT_PORTS, RayPorts
 from model.config import load_config
 from pipeline.cli import build_parser
 from tests.test_prepare_ray import SCENES, write_labels, write_scene

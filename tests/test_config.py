@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from model.config import DEFAULTS, MODEL_RULES, TRAINING_RULES, load_config, read_yaml
-from model.errors import UserError
+from core.yaml_files import read_yaml
+from model.config import DEFAULTS, MODEL_RULES, TRAINING_RULES, load_config
+from core.errors import UserError
 from pipeline.cli import main
 from tests.coco_fixtures import write_coco_tiles
 

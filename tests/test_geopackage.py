@@ -13,7 +13,7 @@ import shapely
 from pyproj import Transformer
 from shapely.geometry import MultiPolygon, Polygon, box
 
-from model.errors import UserError
+from core.errors import UserError
 from pipeline.features import AreaMeter, Rows
 from pipeline.writers.geopackage import METADATA_KEY, GeoPackageWriter
 

@@ -11,8 +11,8 @@ import pytest
 import rasterio
 from affine import Affine
 
-from model.errors import UserError
-from model.files import exclusive, lock_path
+from core.errors import UserError
+from core.files import exclusive, lock_path
 from pipeline.batch import run_scenes
 from pipeline.run import run_scene
 from pipeline.scenes import expand_scenes
@@ -76,7 +76,7 @@ def test_checkpoint_and_config_are_never_outputs(tmp_path):
 
 
 def test_prepare_never_replaces_a_directory_that_holds_its_inputs(tmp_path):
-    from pipeline.prepare import prepare
+    from pipeline.training_data.prepare import prepare
     from pipeline.settings import load_settings
 
     data = tmp_path / "data"

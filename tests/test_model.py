@@ -15,7 +15,7 @@ from model.backbones import imagenet_file
 from model.builder import build_model
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.config import load_config
-from model.errors import UserError
+from core.errors import UserError
 from model.optim import build_optimizer, build_scheduler, lr_factor
 
 

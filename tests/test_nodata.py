@@ -12,7 +12,7 @@ import torch
 from affine import Affine
 from scipy import ndimage
 
-from model.errors import UserError
+from core.errors import UserError
 from pipeline.rect import Rect
 from pipeline.raster import (COLLAR_MIN_PX, band_nodata, compute_scaling, first_look, open_scene, read_window,
                              valid_pixels)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import rasterio.features
 from affine import Affine
-from shapely.geometry import GeometryCollection, LineString, MultiPolygon, Polygon, box
+from shapely.geometry import GeometryCollection, LineString, MultiPolygon, box
 
 import shapely
 from shapely.geometry import shape

@@ -17,7 +17,7 @@ from torchvision.ops import box_iou
 from model.builder import build_model
 from model.checkpoint import load_checkpoint, read_checkpoint, read_checkpoint_header, save_checkpoint
 from model.config import load_config
-from model.errors import UserError
+from core.errors import UserError
 import numpy as np
 
 from pipeline.instances import from_output

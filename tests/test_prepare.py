@@ -14,11 +14,11 @@ from pycocotools import mask as mask_utils
 from rasterio.windows import Window
 from shapely.geometry import MultiPolygon, Polygon, box
 
-from model.errors import UserError
-from pipeline.coco import annotation_body, burn
-from pipeline.prepare import prepare
+from core.errors import UserError
+from pipeline.training_data.coco import annotation_body, burn
+from pipeline.training_data.prepare import prepare
 from pipeline.settings import load_settings
-from pipeline.split import spatial_split
+from pipeline.training_data.split import spatial_split
 from pipeline.windows import plan_windows
 
 SAMPLES = Path(__file__).resolve().parents[1] / "data" / "samples"
@@ -197,7 +197,7 @@ def test_real_sample_prepares_sanely(tmp_path):
 
 
 def test_interrupted_prepare_leaves_nothing_half_written_and_reruns(tmp_path, monkeypatch):
-    import pipeline.prepare as prepare_module
+    import pipeline.training_data.prepare as prepare_module
 
     scene = tmp_path / "scene.tif"
     write_scene(scene)

@@ -13,10 +13,10 @@ import rasterio
 from affine import Affine
 from shapely.geometry import box
 
-import pipeline.prepare as prepare_module
-from model.errors import UserError
+import pipeline.training_data.prepare as prepare_module
+from core.errors import UserError
 from pipeline.cli import main
-from pipeline.prepare import prepare, staging_dir
+from pipeline.training_data.prepare import prepare, staging_dir
 from pipeline.settings import load_settings
 from pipeline.windows import plan_windows
 from tests.test_prepare import TRANSFORM, UTM

@@ -86,7 +86,7 @@ INTERRUPTIBLE = textwrap.dedent("""
     sys.path.insert(0, {repo!r})
     from tests.test_reliability import SlowOracle
     from pipeline.cli import _raise_interrupt
-    from model.errors import Interrupted
+    from core.errors import Interrupted
     from pipeline.run import run_scene
     signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
@@ -192,7 +192,7 @@ def test_bad_scenes_are_refused_before_any_work(tmp_path, ray_session):
     truncated = tmp_path / "truncated.tif"
     write_raster(truncated, width=256, height=256)
     truncated.write_bytes(truncated.read_bytes()[:3000])
-    from model.errors import UserError
+    from core.errors import UserError
 
     for scene, pattern in [(tmp_path / "missing.tif", "missing.tif"), (text, "notes.tif"),
                            (nocrs, "nocrs.tif"), (truncated, "truncated.tif")]:
@@ -205,7 +205,7 @@ def test_bad_scenes_are_refused_before_any_work(tmp_path, ray_session):
 def test_existing_output_is_refused_without_overwrite(tmp_path, scene, ray_session):
     out = tmp_path / "out.gpkg"
     out.write_text("previous result")
-    from model.errors import UserError
+    from core.errors import UserError
 
     with pytest.raises(UserError, match="exists"):
         run_scene(str(scene), out, predictor=OraclePredictor(), tile=TILE, overlap=OVERLAP, progress=False)
@@ -281,7 +281,7 @@ def test_grey_plus_alpha_feeds_the_grey_band_three_times(tmp_path):
 def test_band_count_the_config_cannot_map_is_refused(tmp_path):
     scene = tmp_path / "two_bands.tif"
     write_raster(scene, count=2)
-    from model.errors import UserError
+    from core.errors import UserError
 
     with pytest.raises(UserError, match="two_bands.tif: has 2 colour bands.*--bands"):
         run_scene(str(scene), tmp_path / "out.gpkg", predictor=OraclePredictor(), progress=False)
@@ -336,7 +336,7 @@ def test_corrupt_block_is_reported_by_window_and_marks_the_output_incomplete(tmp
 
 def test_unwritable_output_directory_is_refused_before_work(tmp_path, monkeypatch, scene):
     import pipeline.run as run_module
-    from model.errors import UserError
+    from core.errors import UserError
 
     real_access = os.access
     monkeypatch.setattr(run_module.os, "access", lambda p, mode: False if mode == os.W_OK else real_access(p, mode))
@@ -352,7 +352,7 @@ class UnloadableModel(OraclePredictor):
 
 
 def test_a_model_the_workers_cannot_load_fails_clearly(tmp_path, scene, ray_session):
-    from model.errors import UserError
+    from core.errors import UserError
 
     out = tmp_path / "out.gpkg"
     with pytest.raises(UserError, match="could not start the model: .*not on this node"):

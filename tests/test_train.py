@@ -13,7 +13,7 @@ import torch
 
 import model.train as train_module
 from model.checkpoint import load_checkpoint, read_checkpoint, read_train_state, train_state_path
-from model.errors import UserError
+from core.errors import UserError
 from model.config import load_config
 from model.train import TrainOptions, build_session, losses_path, plan_training, train
 from tests.coco_fixtures import write_coco_tiles

@@ -23,7 +23,7 @@ from model.config import load_config
 from model.dataset import CocoTiles
 from model.distributed import (Progress, WorkerOptions, absolute_weights, train_distributed, training_error,
                                worker_resources)
-from model.errors import UserError
+from core.errors import UserError
 from model.optim import scaled_lr
 from model.train import (AugmentedTiles, TrainOptions, batches, build_session, epoch_order, losses_path,
                          plan_training, seed_iteration, shard_order)

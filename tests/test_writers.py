@@ -28,7 +28,7 @@ from affine import Affine
 from pyproj import CRS
 from shapely.geometry import MultiPolygon
 
-from model.errors import Interrupted, UserError
+from core.errors import Interrupted, UserError
 from pipeline import scene_run
 from pipeline.batch import plan_tasks, run_scenes
 from pipeline.cli import main

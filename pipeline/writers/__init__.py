@@ -13,7 +13,7 @@ from pathlib import Path
 
 from typing import TYPE_CHECKING
 
-from model.errors import UserError
+from core.errors import UserError
 
 if TYPE_CHECKING:  # the formats' modules are imported when used: settings and --help stay light
     from pipeline.writers.base import Writer

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 from pyproj import CRS
 
-from model.files import atomic_path
+from core.files import atomic_path
 from pipeline.features import Rows
 from pipeline.style import write_style_file
 

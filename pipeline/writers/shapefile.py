@@ -16,8 +16,8 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from model.errors import UserError
-from model.files import sync
+from core.errors import UserError
+from core.files import sync
 from pipeline.features import Rows
 from pipeline.writers.base import sidecar
 from pipeline.writers.ogr import StreamWriter

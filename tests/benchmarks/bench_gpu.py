@@ -65,7 +65,7 @@ def main() -> int:
 
     from model.builder import build_model
     from model.checkpoint import save_checkpoint
-    from model.cluster import shutdown_ray, start_local_ray
+    from core.cluster import shutdown_ray, start_local_ray
     from model.config import load_config
     from pipeline.run import run_scene
     from pipeline.settings import load_settings

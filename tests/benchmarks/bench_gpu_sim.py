@@ -23,7 +23,7 @@ from pathlib import Path
 
 import psutil
 
-from tests.benchmarks.common import machine, publish
+from tests.benchmarks.common import publish
 from tests.benchmarks.standin import StandIn, object_scene
 
 
@@ -57,7 +57,6 @@ def standin_cpu(log_dir: Path) -> float:
 
 
 def one_job(scenes: list[str], layouts, seconds: float, workers: int, args, workdir: Path) -> str:
-    import ray
 
     from pipeline.batch import run_scenes
     from pipeline.pool import RayPool

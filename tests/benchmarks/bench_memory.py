@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from model.cluster import shutdown_ray, start_local_ray
+from core.cluster import shutdown_ray, start_local_ray
 from pipeline.run import run_scene
 from tests.benchmarks.common import BrightSquares, PeakMemory, generate_scene, machine, publish
 

@@ -79,7 +79,7 @@ def main() -> None:
 
     from model.builder import build_model
     from model.checkpoint import save_checkpoint
-    from model.cluster import shutdown_ray, start_local_ray
+    from core.cluster import shutdown_ray, start_local_ray
     from model.config import load_config
     from pipeline.run import run_scene
 

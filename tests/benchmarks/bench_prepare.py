@@ -53,7 +53,7 @@ def timed_prepare(scenes: list[Path], labels: Path, out: Path, workers: int) -> 
 
 def ray_start_seconds() -> float:
     """Start Ray in-process the way prepare does, run one trivial task, shut down (in a fresh interpreter)."""
-    script = ("import time; t = time.perf_counter(); import ray; from model.cluster import ray_session\n"
+    script = ("import time; t = time.perf_counter(); import ray; from core.cluster import ray_session\n"
               "with ray_session(None):\n    ray.get(ray.remote(lambda: 1).remote())\n"
               "print(time.perf_counter() - t)")
     done = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True)
@@ -64,8 +64,8 @@ def cutting_seconds(scenes: list[Path], labels: Path, out: Path, workers: int) -
     """prepare() alone, in this process, with Ray already started for workers > 1: the cutting itself."""
     import ray
 
-    from model.cluster import ray_session
-    from pipeline.prepare import prepare
+    from core.cluster import ray_session
+    from pipeline.training_data.prepare import prepare
     from pipeline.settings import load_settings
 
     shutil.rmtree(out, ignore_errors=True)

@@ -105,7 +105,7 @@ def child(args: argparse.Namespace) -> None:
     with PeakMemory() as mem:
         t = time.perf_counter()  # both clocks include loading the model, as a user's run does
         if args.tool == "ours":
-            from model.cluster import shutdown_ray, start_local_ray
+            from core.cluster import shutdown_ray, start_local_ray
             from pipeline.run import run_scene
 
             start_local_ray(num_cpus=2)

@@ -9,7 +9,7 @@ import geopandas as gpd
 import shapely
 from pyproj import CRS
 
-from model.errors import UserError, first_line
+from core.errors import UserError, first_line
 
 POLYGONAL = ("Polygon", "MultiPolygon")
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 from unittest import mock
 
-from model.errors import UserError, first_line
+from core.errors import UserError, first_line
 
 # The GCS method that every Ray GCS serves and answers at once; asked with an empty request (all defaults).
 GCS_PROBE_METHOD = "/ray.rpc.NodeInfoGcsService/GetClusterId"

@@ -33,14 +33,14 @@ from rasterio.errors import RasterioError
 from shapely.geometry import box
 from tqdm import tqdm
 
-from model.errors import Interrupted, UserError, first_line
-from model.files import atomic_path, check_not_input, exclusive, lock_path
-from pipeline.coco import annotation_body
-from pipeline.labels import read_labels, to_scene_crs
+from core.errors import Interrupted, UserError, first_line
+from core.files import atomic_path, check_not_input, exclusive, lock_path
+from pipeline.training_data.coco import annotation_body
+from pipeline.training_data.labels import read_labels, to_scene_crs
 from pipeline.raster import (Scaling, SceneInfo, band_nodata, compute_scaling, is_virtual, normalize,
                              open_scene, read_window, resolve_bands, to_uint8, write_png)
 from pipeline.scenes import expand_scenes, fingerprint, scene_identity
-from pipeline.split import spatial_split
+from pipeline.training_data.split import spatial_split
 from pipeline.rect import Rect
 from pipeline.windows import plan_windows
 
@@ -284,7 +284,7 @@ def cut_on_ray(todo: list[Part], staging: Path, settings: dict[str, Any], worker
     """
     import ray
 
-    from model.cluster import in_flight, ray_session
+    from core.cluster import in_flight, ray_session
 
     with ray_session(address):
         limit = int(workers or max(1, int(ray.cluster_resources().get("CPU", 1))))

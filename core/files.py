@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from model.errors import UserError
+from core.errors import UserError
 
 
 def check_writable(path: Path, overwrite: bool) -> None:
