@@ -20,6 +20,7 @@ if __package__ in (None, ""):  # run as a plain script: import this checkout's p
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import json
+import os
 import pickle
 import subprocess
 import tempfile
@@ -109,6 +110,7 @@ def main() -> None:
     if args.child:
         print(json.dumps(measure(Path(args.child[0]), Path(args.child[1]), int(args.child[2]))))
         return
+    load = os.getloadavg()[0]
     made = batches()
     vertices = np.mean([shapely.get_num_coordinates(shapely.from_wkb(r.wkb)).mean() for r, _ in made])
     wkb = np.mean([np.mean([len(w) for w in r.wkb]) for r, _ in made])
@@ -128,6 +130,7 @@ def main() -> None:
     lines.append("write s: open to renamed into place, style included; size: data files (a Shapefile's .shp, .shx, "
                  ".dbf, .prj, .cpg); read s: geopandas, whole file; writer MB: peak RSS while writing over the RSS "
                  "before (fresh process each)")
+    lines.append(f"1-minute load average before / after: {load:.2f} / {os.getloadavg()[0]:.2f} (2 cores)")
     publish("Output formats", f"python -m tests.benchmarks.bench_writers --rows {args.rows}", lines)
 
 
