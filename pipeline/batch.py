@@ -25,7 +25,7 @@ from pipeline.raster import is_virtual
 from pipeline.run import run_job
 from pipeline.scene_run import SceneTask, check_output
 from pipeline.scenes import scene_name, unique_names
-from pipeline.settings import load_settings, settings_overrides
+from pipeline.settings import Settings, load_settings, settings_overrides
 from pipeline.summary import RunSummary
 from pipeline.writers import writer_for
 
@@ -48,7 +48,7 @@ def work_file(output: Path) -> Path:
     return output.with_name(f".{output.stem}.partial{output.suffix}")
 
 
-def plan_tasks(scenes: list[str], settings: dict[str, Any], *, output: Path | None = None,
+def plan_tasks(scenes: list[str], settings: Settings, *, output: Path | None = None,
                out_dir: Path | None = None, inputs: list[Any] = ()) -> list[SceneTask]:
     """Every scene's task, with every output checked against every input, before any work starts.
 
@@ -63,16 +63,16 @@ def plan_tasks(scenes: list[str], settings: dict[str, Any], *, output: Path | No
             raise UserError(f"{output}: a {writer.title} file holds one scene; for {len(scenes)} scenes write one "
                             f"file per scene with --out-dir DIR --format {output.suffix[1:].lower()} (or -o "
                             f"{output.stem}.gpkg: one layer per scene)")
-        check_writable(output, bool(settings["run"]["overwrite"]))  # refuse now, not after the first scene
+        check_writable(output, settings.run.overwrite)  # refuse now, not after the first scene
         work = work_file(output)
         for path in (output, work, lock_path(output)):
             check_not_input(path, inputs)
         tasks = [SceneTask(scene, work, name, output.with_name(f"{output.stem}.{name}{output.suffix}"),
                            keep_other_layers=True) for scene, name in zip(scenes, names)]
     else:
-        suffix = f".{settings['run']['format']}"
+        suffix = f".{settings.run.format}"
         outputs = [output] if output is not None else per_scene_outputs(scenes, out_dir, suffix)
-        layer = settings["run"]["layer"]
+        layer = settings.run.layer
         tasks = [SceneTask(scene, path, layer or scene_name(scene), path) for scene, path in zip(scenes, outputs)]
     for task in tasks:  # scene b.gpkg (a raster GeoPackage) may be the output of scene b.tif
         task.check(inputs)
@@ -90,7 +90,7 @@ def run_scenes(scenes: list[str], predictor: Callable, pool: RayPool | None, *, 
     yield from run_planned(tasks, predictor, settings, pool, progress, output if len(scenes) > 1 else None)
 
 
-def run_planned(tasks: list[SceneTask], predictor: Callable, settings: dict[str, Any], pool: RayPool | None,
+def run_planned(tasks: list[SceneTask], predictor: Callable, settings: Settings, pool: RayPool | None,
                 progress: bool, one_file: Path | None) -> Iterator[RunSummary]:
     """Run checked tasks; with `one_file`, hold it for the whole job and move the work file into place."""
     with exclusive(one_file) if one_file else contextlib.nullcontext():

@@ -17,6 +17,7 @@ from typing import Any
 from core.cluster import check_gpus, connect_ray, in_flight, shutdown_ray
 from core.errors import UserError, reason
 from pipeline.worker import SceneSpec, TileOutput, TileWorker
+from pipeline.settings import Settings
 
 MAX_ATTEMPTS = 3  # per batch; a batch failing this often is reported by window, never silently dropped
 
@@ -38,15 +39,15 @@ def failed(batch: Batch, reason: str) -> list[TileOutput]:
 class RayPool:
     """Starts (or joins) Ray and keeps a set of TileWorker actors; a context manager that cleans up."""
 
-    def __init__(self, predictor: Callable, settings: dict[str, Any]):
+    def __init__(self, predictor: Callable, settings: Settings):
         self.predictor = predictor
-        self.run = settings["run"]
+        self.run = settings.run
         self.started_ray = False
         self.actors: list[Any] = []
         self.stats = PoolStats()
 
     def __enter__(self) -> RayPool:
-        self.started_ray = connect_ray(self.run["ray_address"])
+        self.started_ray = connect_ray(self.run.ray_address)
         try:
             self.start_actors()
         except BaseException:
@@ -59,15 +60,15 @@ class RayPool:
 
         r = self.run
         total_cpus = float(ray.cluster_resources().get("CPU", 1.0))
-        workers = int(r["workers"])
-        threads = int(r["threads_per_worker"] or max(1, int(total_cpus // workers)))
+        workers = r.workers
+        threads = r.threads_per_worker or max(1, int(total_cpus // workers))
         # The pool replaces lost actors itself. Calls beyond the one in the model read the next batches and
         # settle the previous one meanwhile.
         options: dict[str, Any] = {"max_restarts": 0, "max_task_retries": 0,
-                                   "max_concurrency": int(r["batches_in_flight"]) + 1}
-        check_gpus(r["device"], float(r["gpus_per_worker"]) * workers)
-        if r["device"] == "cuda":
-            options.update(num_gpus=float(r["gpus_per_worker"]), num_cpus=1)
+                                   "max_concurrency": r.batches_in_flight + 1}
+        check_gpus(r.device, r.gpus_per_worker * workers)
+        if r.device == "cuda":
+            options.update(num_gpus=r.gpus_per_worker, num_cpus=1)
         else:
             options.update(num_cpus=min(float(threads), total_cpus / workers))
         self.actor_class = ray.remote(TileWorker).options(**options)
@@ -97,7 +98,7 @@ class RayPool:
 
         retry: deque[tuple[Batch, int]] = deque()  # (batch, attempts so far)
         load = [0] * len(self.actors)
-        self.stats.in_flight = self.stats.in_flight or int(self.run["batches_in_flight"])
+        self.stats.in_flight = self.stats.in_flight or self.run.batches_in_flight
 
         def next_item() -> tuple[Batch, int, int, Any] | None:
             """A retry first, else the job's next batch, with the least-loaded actor it goes to."""

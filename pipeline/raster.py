@@ -28,7 +28,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import rasterio
@@ -40,6 +40,9 @@ from scipy import ndimage
 
 from core.errors import UserError, first_line
 from pipeline.rect import Rect
+
+if TYPE_CHECKING:
+    from pipeline.settings import Settings
 
 SAMPLE_SIDE = 1024  # long side of the decimated read used for percentile statistics
 # The decimated read decodes the scene in pieces of at most this many bytes of blocks, with a GDAL block cache
@@ -173,15 +176,15 @@ class Overview:
     transform: Affine
 
 
-def scaling_mode(settings: dict[str, Any], info: SceneInfo) -> str:
+def scaling_mode(settings: Settings, info: SceneInfo) -> str:
     """The scaling rule a scene gets: `auto` resolved by its data type."""
-    mode = settings["scaling"]
+    mode = settings.scaling
     if mode == "auto":
         mode = "divide255" if info.dtype == "uint8" else "percentile"
     return mode
 
 
-def compute_scaling(path: str, info: SceneInfo, settings: dict[str, Any], bands: list[int],
+def compute_scaling(path: str, info: SceneInfo, settings: Settings, bands: list[int],
                     overview: Overview | None = None) -> Scaling:
     """The scene's value -> [0, 1] mapping for each of `bands` (see the module docstring); the percentile
     rule reads `overview` when the caller has it, else the scene."""
@@ -189,14 +192,14 @@ def compute_scaling(path: str, info: SceneInfo, settings: dict[str, Any], bands:
     if mode == "divide255":
         return Scaling(low=(0.0,) * len(bands), high=(255.0,) * len(bands))
     if mode == "range":
-        low, high = (float(v) for v in settings["value_range"])
+        low, high = (float(v) for v in settings.value_range)
         return Scaling(low=(low,) * len(bands), high=(high,) * len(bands))
     try:
         overview = overview if overview is not None else read_overview(path, info, bands)
     except RasterioError as exc:
         raise UserError(f"{path}: cannot read the scene for its value statistics ({first_line(exc)})") from None
-    keep = overview.valid & valid_pixels(overview.data, band_nodata(settings["nodata"], info, bands, path))
-    p_low, p_high = settings["percentiles"]
+    keep = overview.valid & valid_pixels(overview.data, band_nodata(settings.nodata, info, bands, path))
+    p_low, p_high = settings.percentiles
     lows, highs = [], []
     for values in overview.data:
         values = values[keep].astype(np.float64)

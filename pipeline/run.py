@@ -26,7 +26,7 @@ from pipeline.pool import Batch, RayPool
 from pipeline.predict import CheckpointPredictor
 from pipeline.scene_run import SceneRun, SceneTask, run_metadata
 from pipeline.scenes import scene_name
-from pipeline.settings import load_settings, settings_overrides
+from pipeline.settings import Settings, load_settings, settings_overrides
 from pipeline.summary import RunSummary, interrupted
 from pipeline.worker import TileOutput
 
@@ -50,14 +50,14 @@ def class_names_of(predictor: Callable) -> list[str] | None:
     return list(names) if names else None
 
 
-def run_job(tasks: list[SceneTask], predictor: Callable, settings: dict[str, Any], pool: RayPool | None = None,
+def run_job(tasks: list[SceneTask], predictor: Callable, settings: Settings, pool: RayPool | None = None,
             progress: bool = True) -> Iterator[RunSummary]:
     """Run every scene task and yield each scene's summary, in task order, as its output is written.
 
     `pool`: running model workers to use (the CLI's); by default Ray is started here and stopped at the end.
     Ctrl-C raises `core.errors.Interrupted` once the tiles done so far are saved; a rerun resumes from them.
     """
-    threshold = float(settings["run"]["score_threshold"])
+    threshold = settings.run.score_threshold
     if isinstance(predictor, CheckpointPredictor) and predictor.score_threshold > threshold:
         raise UserError(f"the predictor skips detections under {predictor.score_threshold} but this run keeps "
                         f"those from {threshold}: build it with score_threshold <= the run's")
@@ -69,7 +69,7 @@ def run_job(tasks: list[SceneTask], predictor: Callable, settings: dict[str, Any
     errors: list[UserError] = []
     output = ThreadPoolExecutor(max_workers=1, thread_name_prefix="output")
     bar = tqdm(total=0, desc="tiles", unit="tile", disable=not progress)
-    batch_size = int(settings["run"]["batch_size"])
+    batch_size = settings.run.batch_size
     planner = Planner(tasks, lambda number, task: SceneRun(number, task, settings, identity, describe,
                                                            class_names_of(predictor)))
 
@@ -226,17 +226,17 @@ def run_scene(
     settings = load_settings(config, settings_overrides(options))
     predictor = predictor or checkpoint_predictor(checkpoint, settings)
     output = Path(output)
-    task = SceneTask(scene=str(scene), output=output, layer=settings["run"]["layer"] or scene_name(scene),
+    task = SceneTask(scene=str(scene), output=output, layer=settings.run.layer or scene_name(scene),
                      sidecar_base=output)
     task.check([scene, getattr(predictor, "checkpoint", None), config])
     (summary,) = run_job([task], predictor, settings, pool, progress)
     return summary
 
 
-def checkpoint_predictor(checkpoint: str | None, settings: dict[str, Any]) -> CheckpointPredictor:
-    r = settings["run"]
-    checkpoint = checkpoint or r["checkpoint"]
+def checkpoint_predictor(checkpoint: str | None, settings: Settings) -> CheckpointPredictor:
+    r = settings.run
+    checkpoint = checkpoint or r.checkpoint
     if not checkpoint:
         raise UserError("no model given: pass --checkpoint model.pt (train one with `python -m pipeline train "
                         "--config configs/swin_t.yaml --data DIR --out model.pt`)")
-    return CheckpointPredictor(checkpoint, r["device"], r["score_threshold"], r["mask_threshold"], r["precision"])
+    return CheckpointPredictor(checkpoint, r.device, r.score_threshold, r.mask_threshold, r.precision)

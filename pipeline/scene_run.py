@@ -38,6 +38,7 @@ from pipeline.summary import RunSummary
 from pipeline.worker import SCORE_BINS, SceneSpec, TileOutput, union_rows
 from pipeline.writers import read_result_fingerprint, writer_for
 from pipeline.writers.base import Writer, sidecar
+from pipeline.settings import Settings
 
 WRITE_BATCH = 5000  # rows per write (a GeoPackage append, a Parquet row group): bounded memory for millions
 OUTPUT_FORMAT = 2  # bumped when the same inputs give other rows (2: the seam rule of 2026-12)
@@ -75,35 +76,34 @@ def check_output(output: Path) -> None:
     check_writable(output, overwrite=True)
 
 
-def scene_spec(scene: str, info: SceneInfo, settings: dict[str, Any],
+def scene_spec(scene: str, info: SceneInfo, settings: Settings,
                look: Callable[[], tuple[Overview | None, list[str]]]) -> SceneSpec:
     """How workers turn this scene's windows into rows (bands, nodata, scaling, thresholds, plan, rule).
     `look`: the scene's decimated read, waited for only when the scaling needs its statistics."""
     from pipeline.windows import plan_windows
 
-    r, m = settings["run"], settings["merge"]
-    bands = resolve_bands(settings["bands"], info.count, scene, info.alpha)
+    r, m = settings.run, settings.merge
+    bands = resolve_bands(settings.bands, info.count, scene, info.alpha)
     overview = look()[0] if scaling_mode(settings, info) == "percentile" else None
     # Workers on other nodes (or in another working directory) get an absolute path.
     return SceneSpec(scene=str(scene) if is_virtual(scene) else os.path.abspath(scene), bands=bands,
-                     nodata=band_nodata(settings["nodata"], info, bands, scene),
+                     nodata=band_nodata(settings.nodata, info, bands, scene),
                      scaling=compute_scaling(scene, info, settings, bands, overview), masked=info.masked,
-                     score_threshold=float(r["score_threshold"]), mask_threshold=float(r["mask_threshold"]),
-                     grid=plan_windows(info.width, info.height, settings["tile"], settings["overlap"]),
-                     rule=SeamRule(float(m["iou_threshold"]), float(m["ios_threshold"]), bool(m["class_agnostic"]),
-                                   int(m["edge_margin"])),
-                     transform=info.transform, crs=info.crs, simplify=float(r["simplify"]),
-                     min_part_px=int(settings["min_part_px"]), min_area=float(r["min_area"]))
+                     score_threshold=float(r.score_threshold), mask_threshold=float(r.mask_threshold),
+                     grid=plan_windows(info.width, info.height, settings.tile, settings.overlap),
+                     rule=SeamRule(float(m.iou_threshold), float(m.ios_threshold), m.class_agnostic, m.edge_margin),
+                     transform=info.transform, crs=info.crs, simplify=float(r.simplify),
+                     min_part_px=settings.min_part_px, min_area=float(r.min_area))
 
 
-def look_at(scene: str, info: SceneInfo, settings: dict[str, Any]) -> Callable[[], tuple[Overview | None, list[str]]]:
+def look_at(scene: str, info: SceneInfo, settings: Settings) -> Callable[[], tuple[Overview | None, list[str]]]:
     """The scene's decimated read (`raster.first_look`: collar check, statistics, the quicklook's picture),
     started now and waited for when first needed. It decodes every block of a scene without overviews (about
     a millisecond of CPU per 512 px tile), so with Ray running it is a Ray task, off the driver."""
     import ray
 
-    bands = resolve_bands(settings["bands"], info.count, scene, info.alpha)
-    nodata = band_nodata(settings["nodata"], info, bands, scene)
+    bands = resolve_bands(settings.bands, info.count, scene, info.alpha)
+    nodata = band_nodata(settings.nodata, info, bands, scene)
     if ray.is_initialized():
         ref = ray.remote(num_cpus=0)(first_look).remote(scene, info, bands, nodata)
         return functools.cache(lambda: ray.get(ref))
@@ -111,16 +111,16 @@ def look_at(scene: str, info: SceneInfo, settings: dict[str, Any]) -> Callable[[
 
 
 class SceneRun:
-    def __init__(self, number: int, task: SceneTask, settings: dict[str, Any], identity: dict[str, Any],
+    def __init__(self, number: int, task: SceneTask, settings: Settings, identity: dict[str, Any],
                  metadata: Callable[[RunSummary], dict[str, Any]], class_names: list[str] | None,
                  previous: SceneRun | None = None):
         self.number, self.task, self.settings = number, task, settings
         self.identity, self.describe, self.names = identity, metadata, class_names
         self.previous = previous  # with one file for many scenes: the scene whose layer goes in first
-        r = settings["run"]
+        r = settings.run
         self.summary = RunSummary(scene=str(task.scene), output=str(task.output),
                                   layer=task.layer if writer_for(task.output).layers else "",
-                                  score_threshold=float(r["score_threshold"]),
+                                  score_threshold=float(r.score_threshold),
                                   dropped_scores=[0] * SCORE_BINS)
         self.stack = contextlib.ExitStack()
         self.remaining: set[int] = set()
@@ -160,7 +160,7 @@ class SceneRun:
         key = fingerprint({"scene": scene_identity(task.scene), "predictor": self.identity, "spec": self.spec})
         self.result_key = fingerprint({"tiles": key, "format": OUTPUT_FORMAT})
         if reusable_output(task.output, task.layer, task.report, self.result_key,
-                           bool(self.settings["run"]["overwrite"]), task.keep_other_layers):
+                           self.settings.run.overwrite, task.keep_other_layers):
             self.summary.up_to_date = True
             self.stack.close()
             return None
@@ -240,7 +240,7 @@ class SceneRun:
             keep_other_layers=task.keep_other_layers))
         overview, notes = self.look()
         self.summary.warnings += notes
-        if self.settings["run"]["quicklook"] and overview is not None:
+        if self.settings.run.quicklook and overview is not None:
             self.quicklook = Quicklook(task.scene, self.info, self.spec.bands, self.spec.scaling,
                                        class_names=self.names, overview=overview)
 
@@ -323,14 +323,14 @@ def reusable_output(output: Path, layer: str, report: Path, result_key: str, ove
 
 
 def run_metadata(predictor_identity: dict[str, Any], checkpoint: str | None, model_config: Any,
-                 settings: dict[str, Any], summary: RunSummary) -> dict[str, Any]:
+                 settings: Settings, summary: RunSummary) -> dict[str, Any]:
     """What produced this output: stored in the output where its format keeps metadata, and in the run report."""
     return {
         "scene": summary.scene if is_virtual(summary.scene) else os.path.abspath(summary.scene),
         "checkpoint": checkpoint,
         "predictor": predictor_identity,
         "model_config": model_config,
-        "pipeline_config": settings,
+        "pipeline_config": settings.to_dict(),
         "tiles": summary.tiles,
         "failed_windows": summary.failed,
         "complete": summary.complete,

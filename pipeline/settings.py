@@ -1,72 +1,101 @@
-"""Pipeline options: `configs/pipeline.yaml` (or `--config`) merged over these defaults, then CLI flags.
+"""Pipeline settings: `configs/pipeline.yaml` (or `--config`) merged over these defaults, then the flags given.
 
-Every setting has a command-line flag and every flag of `run` and `prepare` that changes a result has a
-setting (pipeline/cli.py `setting`), so a run is reproducible from one YAML file.
+They are parsed once, into a frozen `Settings` (one dataclass per section), by `load_settings`, which both the
+command line and `run_scene(**options)` call; the rest of the pipeline reads attributes, never keys. Every
+setting has a command-line flag and every flag of `run` and `prepare` that changes a result has a setting
+(pipeline/cli.py `setting`), so a run is reproducible from one YAML file.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from core.yaml_files import layered
 from core.errors import UserError
+from core.yaml_files import layered
 from pipeline.writers import FORMATS
 
-DEFAULTS: dict[str, Any] = {
-    "tile": 512,  # window size in pixels (square)
-    "overlap": 64,  # pixels shared by neighbouring windows
-    "bands": None,  # 1-based scene bands feeding the model's 3 channels; None: [1, 2, 3], or [1, 1, 1] for 1 band
-    "scaling": "auto",  # auto | divide255 | percentile | range  (see pipeline/raster.py)
-    "percentiles": [2.0, 98.0],  # for scaling: percentile, and auto on non-8-bit data
-    "value_range": None,  # [low, high] for scaling: range (same scaling for every scene)
-    "min_part_px": 4,  # parts of a multipart object under this many pixels are dropped (specks), run and prepare
-    "nodata": None,  # overrides the scene's declared nodata value: one number, or a list of one per scene band
-    "prepare": {
-        "class_field": None,  # label attribute holding the class name
-        "class_name": None,  # or one class name for every label
-        "min_area_px": 16.0,  # clipped objects smaller than this area (pixels) are dropped
-        "empty_fraction": 0.1,  # fraction of label-free tiles kept (negatives)
-        "val_fraction": 0.2,
-        "block_tiles": 2,  # spatial split block edge, in tiles
-        "seed": 0,
-        # How the cutting runs, never what it produces (left out of resume keys and summary.json):
-        "workers": None,  # parallel Ray tasks; None: this process alone, or every CPU of the --ray-address cluster
-        "ray_address": None,  # None: this machine; "auto" or "HOST:PORT": an existing Ray cluster
-    },
-    "run": {
-        "batch_size": None,  # tiles per model forward; None: 2 on the CPU, 8 on a GPU
-        "score_threshold": 0.5,
-        "mask_threshold": 0.5,
-        "device": "cpu",  # cpu | cuda
-        "precision": "auto",  # cuda only: auto (the checkpoint's model.amp) | float32 | float16 | bfloat16
-        "ray_address": None,  # None: in-process local Ray; "auto" or "HOST:PORT": an existing cluster
-        "workers": 1,
-        "gpus_per_worker": 1.0,  # used only with device cuda
-        "threads_per_worker": None,  # torch threads per worker; None: cores / workers
-        "batches_in_flight": 2,  # per worker: bounds memory whatever the scene size
-        "min_area": 0.0,  # objects under this many square metres (true area) are left out
-        "simplify": 0.0,  # polygon simplification tolerance in pixels (0: exact pixel outlines)
-        "format": "gpkg",  # outputs named after their scenes (--out-dir): gpkg | parquet | fgb | shp | geojson
-        "layer": None,  # GeoPackage layer name (and FlatGeobuf's, GeoJSON's name); None: named after the scene
-        "quicklook": True,  # OUTPUT.quicklook.png: the scene overview with the polygons outlined
-        "checkpoint": None,
-        "overwrite": False,
-    },
-    "merge": {
-        "iou_threshold": 0.5,  # mask IoU inside the shared part of two windows
-        "ios_threshold": 0.8,  # or intersection over the smaller mask there
-        "class_agnostic": True,  # views of different classes can be one object (a model's confusion at seams)
-        "edge_margin": 2,  # a view this close (pixels) to an inner edge of its window may be cut there
-    },
-}
+
+@dataclass(frozen=True)
+class PrepareSettings:
+    class_field: str | None = None  # label attribute holding the class name
+    class_name: str | None = None  # or one class name for every label
+    min_area_px: float = 16.0  # clipped objects smaller than this area (pixels) are dropped
+    empty_fraction: float = 0.1  # fraction of label-free tiles kept (negatives)
+    val_fraction: float = 0.2
+    block_tiles: int = 2  # spatial split block edge, in tiles
+    seed: int = 0
+    # How the cutting runs, never what it produces (left out of resume keys and summary.json):
+    workers: int | None = None  # parallel Ray tasks; None: this process alone, or every CPU of the cluster
+    ray_address: str | None = None  # None: this machine; "auto" or "HOST:PORT": an existing Ray cluster
 
 
-def load_settings(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Defaults <- YAML file <- overrides (flags the user actually gave)."""
-    settings = layered(DEFAULTS, path, overrides)
-    validate(settings)
-    return settings
+@dataclass(frozen=True)
+class RunSettings:
+    batch_size: int | None = None  # tiles per model forward; None: 2 on the CPU, 8 on a GPU (set by validate)
+    score_threshold: float = 0.5
+    mask_threshold: float = 0.5
+    device: str = "cpu"  # cpu | cuda
+    precision: str = "auto"  # cuda only: auto (the checkpoint's model.amp) | float32 | float16 | bfloat16
+    ray_address: str | None = None  # None: in-process local Ray; "auto" or "HOST:PORT": an existing cluster
+    workers: int = 1
+    gpus_per_worker: float = 1.0  # used only with device cuda
+    threads_per_worker: int | None = None  # torch threads per worker; None: cores / workers
+    batches_in_flight: int = 2  # per worker: bounds memory whatever the scene size
+    min_area: float = 0.0  # objects under this many square metres (true area) are left out
+    simplify: float = 0.0  # polygon simplification tolerance in pixels (0: exact pixel outlines)
+    format: str = "gpkg"  # outputs named after their scenes (--out-dir): gpkg | parquet | fgb | shp | geojson
+    layer: str | None = None  # GeoPackage layer name (and FlatGeobuf's, GeoJSON's name); None: the scene's name
+    quicklook: bool = True  # OUTPUT.quicklook.png: the scene overview with the polygons outlined
+    checkpoint: str | None = None
+    overwrite: bool = False
+
+
+@dataclass(frozen=True)
+class MergeSettings:
+    iou_threshold: float = 0.5  # mask IoU inside the shared part of two windows
+    ios_threshold: float = 0.8  # or intersection over the smaller mask there
+    class_agnostic: bool = True  # views of different classes can be one object (a model's confusion at seams)
+    edge_margin: int = 2  # a view this close (pixels) to an inner edge of its window may be cut there
+
+
+@dataclass(frozen=True)
+class Settings:
+    tile: int = 512  # window size in pixels (square)
+    overlap: int = 64  # pixels shared by neighbouring windows
+    bands: list[int] | None = None  # 1-based scene bands for the model's 3 channels; None: [1, 2, 3] or [1, 1, 1]
+    scaling: str = "auto"  # auto | divide255 | percentile | range  (see pipeline/raster.py)
+    percentiles: list[float] = field(default_factory=lambda: [2.0, 98.0])  # for percentile, and auto on non-8-bit
+    value_range: list[float] | None = None  # [low, high] for scaling: range (same scaling for every scene)
+    min_part_px: int = 4  # parts of a multipart object under this many pixels are dropped (specks)
+    nodata: float | list[float] | None = None  # over the scene's declared nodata: one number, or one per band
+    prepare: PrepareSettings = field(default_factory=PrepareSettings)
+    run: RunSettings = field(default_factory=RunSettings)
+    merge: MergeSettings = field(default_factory=MergeSettings)
+
+    def to_dict(self) -> dict[str, Any]:
+        """As in the config file (what run reports and fingerprints record)."""
+        return dataclasses.asdict(self)
+
+    def replace(self, section: str | None = None, **values: Any) -> Settings:
+        """A copy with `values` changed, in `section` (prepare, run, merge) or at the top level."""
+        if section is None:
+            return dataclasses.replace(self, **values)
+        return dataclasses.replace(self, **{section: dataclasses.replace(getattr(self, section), **values)})
+
+
+DEFAULTS: dict[str, Any] = Settings().to_dict()
+
+
+def load_settings(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Settings:
+    """Defaults <- YAML file <- overrides (flags the user actually gave), checked, as one frozen object."""
+    given = layered(DEFAULTS, path, overrides)
+    validate(given)
+    return Settings(**{key: value for key, value in given.items() if key not in ("prepare", "run", "merge")},
+                    prepare=PrepareSettings(**given["prepare"]), run=RunSettings(**given["run"]),
+                    merge=MergeSettings(**given["merge"]))
 
 
 def validate(s: dict[str, Any]) -> None:

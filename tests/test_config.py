@@ -205,9 +205,24 @@ def test_flags_override_the_config_file_under_their_own_setting(tmp_path):
     from pipeline.settings import load_settings
 
     s = load_settings(args.config, cli.overrides_from(args))
-    assert s["run"]["mask_threshold"] == 0.7 and s["merge"]["iou_threshold"] == 0.4
-    assert s["merge"]["class_agnostic"] is False and s["merge"]["edge_margin"] == 3
-    assert s["scaling"] == "range" and s["value_range"] == [0.0, 4000.0]
-    assert s["run"]["quicklook"] is False and s["run"]["layer"] == "roofs"
+    assert s.run.mask_threshold == 0.7 and s.merge.iou_threshold == 0.4
+    assert s.merge.class_agnostic is False and s.merge.edge_margin == 3
+    assert s.scaling == "range" and s.value_range == [0.0, 4000.0]
+    assert s.run.quicklook is False and s.run.layer == "roofs"
     args = cli.build_parser().parse_args(["prepare", "x.tif", "--labels", "l.gpkg", "--out", "o", "--workers", "3"])
     assert cli.overrides_from(args) == {"prepare": {"workers": 3}}
+
+
+def test_settings_are_parsed_once_into_a_frozen_typed_object():
+    """Issue 17.3: one path from a config file or flags to one object that nothing downstream can change."""
+    import dataclasses
+
+    from pipeline.settings import DEFAULTS as PIPELINE_DEFAULTS
+    from pipeline.settings import MergeSettings, Settings, load_settings
+
+    s = load_settings(None, {"run": {"device": "cuda"}, "merge": {"edge_margin": 3}})
+    assert isinstance(s, Settings) and isinstance(s.merge, MergeSettings) and s.merge.edge_margin == 3
+    assert s.run.batch_size == 8  # the GPU default, resolved once here
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.run.score_threshold = 0.1
+    assert Settings().to_dict() == PIPELINE_DEFAULTS and s.replace("run", layer="x").run.layer == "x"

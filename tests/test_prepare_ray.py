@@ -179,9 +179,11 @@ def test_globs_and_manifests_name_the_scenes(tmp_path, job, ray_session, capsys,
 
 
 def test_ray_only_when_asked(monkeypatch):
+    from pipeline.settings import PrepareSettings
+
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     use_ray = prepare_module.use_ray
-    assert not use_ray({"workers": None, "ray_address": None}) and not use_ray({"workers": 1, "ray_address": None})
-    assert use_ray({"workers": 2, "ray_address": None}) and use_ray({"workers": None, "ray_address": "auto"})
+    assert not use_ray(PrepareSettings()) and not use_ray(PrepareSettings(workers=1))
+    assert use_ray(PrepareSettings(workers=2)) and use_ray(PrepareSettings(ray_address="auto"))
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")  # a `ray job submit` entrypoint
-    assert use_ray({"workers": None, "ray_address": None})
+    assert use_ray(PrepareSettings())

@@ -13,7 +13,7 @@ assembled at the end in scene then window order, so ids never depend on which ta
 
 from __future__ import annotations
 
-import copy
+
 import hashlib
 import json
 import os
@@ -43,6 +43,7 @@ from pipeline.scenes import expand_scenes, fingerprint, scene_identity
 from pipeline.training_data.split import spatial_split
 from pipeline.rect import Rect
 from pipeline.windows import plan_windows
+from pipeline.settings import PrepareSettings, Settings
 
 SPLITS = ("train", "val")
 # Most windows per task. Small parts balance a few big scenes over many workers and let a failed or
@@ -90,7 +91,7 @@ def check_out_dir(out: Path, overwrite: bool) -> None:
         raise UserError(f"{out}: parent directory {parent} is not writable")
 
 
-def prepare(scenes: list[str], labels: str, out_dir: str | Path, settings: dict[str, Any],
+def prepare(scenes: list[str], labels: str, out_dir: str | Path, settings: Settings,
             overwrite: bool = False, progress: bool = True, config: str | Path | None = None) -> dict[str, Any]:
     """Cut `scenes` (paths, globs or manifests) and `labels` into COCO tiles under out_dir/{train,val};
     returns (and saves) a summary. Runs in this process or on Ray (`prepare.workers`, `prepare.ray_address`)
@@ -104,10 +105,10 @@ def prepare(scenes: list[str], labels: str, out_dir: str | Path, settings: dict[
         return prepare_locked(scenes, labels, out, settings, progress)
 
 
-def prepare_locked(scenes: list[str], labels: str, out: Path, settings: dict[str, Any],
+def prepare_locked(scenes: list[str], labels: str, out: Path, settings: Settings,
                    progress: bool) -> dict[str, Any]:
-    p = settings["prepare"]
-    frame, label_stats = read_labels(labels, p["class_field"], p["class_name"])
+    p = settings.prepare
+    frame, label_stats = read_labels(labels, p.class_field, p.class_name)
     categories = sorted(set(frame["class_name"]))
     parts = [part for index, scene in enumerate(scenes) for part in plan_scene(scene, index, frame, settings)]
     if not any(part.labels for part in parts):
@@ -134,26 +135,26 @@ def prepare_locked(scenes: list[str], labels: str, out: Path, settings: dict[str
     return summary
 
 
-def output_settings(settings: dict[str, Any]) -> dict[str, Any]:
+def output_settings(settings: Settings) -> dict[str, Any]:
     """The settings without the execution options: what summary.json records and resume keys depend on."""
-    kept = copy.deepcopy(settings)
+    kept = settings.to_dict()
     for key in EXECUTION_KEYS:
         kept["prepare"].pop(key, None)
     return kept
 
 
-def plan_scene(scene: str, scene_index: int, frame: gpd.GeoDataFrame, settings: dict[str, Any]) -> list[Part]:
+def plan_scene(scene: str, scene_index: int, frame: gpd.GeoDataFrame, settings: Settings) -> list[Part]:
     """A scene's parts. Opens the scene and checks its bands here, in the driver, before any task starts."""
-    p = settings["prepare"]
+    p = settings.prepare
     info = open_scene(scene)
-    bands = resolve_bands(settings["bands"], info.count, scene, info.alpha)
-    nodata = band_nodata(settings["nodata"], info, bands, scene)
+    bands = resolve_bands(settings.bands, info.count, scene, info.alpha)
+    nodata = band_nodata(settings.nodata, info, bands, scene)
     inside = labels_inside(frame, info)
     if len(inside) == 0:
         print(f"warning: {scene}: no label falls inside this scene")
-    windows = plan_windows(info.width, info.height, settings["tile"], settings["overlap"])
-    block_px = int(p["block_tiles"]) * (settings["tile"] - settings["overlap"])
-    sides = spatial_split(windows, block_px, float(p["val_fraction"]), int(p["seed"]))
+    windows = plan_windows(info.width, info.height, settings.tile, settings.overlap)
+    block_px = p.block_tiles * (settings.tile - settings.overlap)
+    sides = spatial_split(windows, block_px, float(p.val_fraction), p.seed)
     identity = scene_identity(scene)
     path = scene if is_virtual(scene) else os.path.abspath(scene)
     key_settings = {k: v for k, v in output_settings(settings).items() if k not in ("run", "merge")}
@@ -169,9 +170,8 @@ def plan_scene(scene: str, scene_index: int, frame: gpd.GeoDataFrame, settings: 
                            "labels": labels_digest(wkb, classes)})
         parts.append(Part(scene=scene, path=path, scene_index=scene_index, info=info, bands=bands, nodata=nodata,
                           first_window=first, windows=boxes, sides=part_sides, labels=wkb, classes=classes,
-                          min_area_px=float(p["min_area_px"]), min_part_px=int(settings["min_part_px"]),
-                          empty_fraction=float(p["empty_fraction"]),
-                          seed=int(p["seed"]), key=key))
+                          min_area_px=float(p.min_area_px), min_part_px=settings.min_part_px,
+                          empty_fraction=float(p.empty_fraction), seed=p.seed, key=key))
     return parts
 
 
@@ -228,9 +228,9 @@ def part_path(staging: Path, part: Part) -> Path:
     return staging / "parts" / f"{part.key}.json"
 
 
-def cut_parts(todo: list[Part], parts: list[Part], staging: Path, settings: dict[str, Any], progress: bool) -> None:
+def cut_parts(todo: list[Part], parts: list[Part], staging: Path, settings: Settings, progress: bool) -> None:
     """Cut `todo` here or on Ray, with a progress bar over all windows; Ctrl-C raises `Interrupted`."""
-    p = settings["prepare"]
+    p = settings.prepare
     total = sum(len(part.windows) for part in parts)
     scenes_left = Counter(part.scene_index for part in todo)
     n_scenes = len({part.scene_index for part in parts})
@@ -247,7 +247,7 @@ def cut_parts(todo: list[Part], parts: list[Part], staging: Path, settings: dict
 
     try:
         if todo and use_ray(p):
-            cut_on_ray(todo, staging, settings, p["workers"], p["ray_address"], done)
+            cut_on_ray(todo, staging, settings, p.workers, p.ray_address, done)
         else:
             cut_here(todo, staging, settings, done)
     except KeyboardInterrupt:
@@ -257,14 +257,14 @@ def cut_parts(todo: list[Part], parts: list[Part], staging: Path, settings: dict
         bar.close()
 
 
-def use_ray(p: dict[str, Any]) -> bool:
+def use_ray(p: PrepareSettings) -> bool:
     """Ray only when asked, whatever the number of scenes: --workers N > 1, --ray-address, or $RAY_ADDRESS
     (set for a `ray job submit` entrypoint: a job sent to a cluster is meant to use it). Starting Ray
     in-process costs ~6 s on 2 cores, more than it saves on jobs under ~15 s (docs/benchmarks.md)."""
-    return bool(p["ray_address"] or os.environ.get("RAY_ADDRESS")) or int(p["workers"] or 1) > 1
+    return bool(p.ray_address or os.environ.get("RAY_ADDRESS")) or (p.workers or 1) > 1
 
 
-def cut_here(todo: list[Part], staging: Path, settings: dict[str, Any], done: Callable[[Part], None]) -> None:
+def cut_here(todo: list[Part], staging: Path, settings: Settings, done: Callable[[Part], None]) -> None:
     """Cut the parts one after another in this process."""
     scalings: dict[int, Scaling] = {}
     for part in todo:
@@ -274,7 +274,7 @@ def cut_here(todo: list[Part], staging: Path, settings: dict[str, Any], done: Ca
         done(part)
 
 
-def cut_on_ray(todo: list[Part], staging: Path, settings: dict[str, Any], workers: int | None,
+def cut_on_ray(todo: list[Part], staging: Path, settings: Settings, workers: int | None,
                address: str | None, done: Callable[[Part], None]) -> None:
     """Cut the parts as Ray tasks, at most `workers` at a time (default: every CPU of the cluster).
 

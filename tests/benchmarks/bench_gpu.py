@@ -77,7 +77,7 @@ def main() -> int:
     config = load_config(overrides={"classes": ["square"], "model": {"backbone": {"name": args.backbone}}})
     checkpoint = work / f"{args.backbone}_random.pt"
     save_checkpoint(checkpoint, build_model(config), config, ["square"])
-    score = float(load_settings()["run"]["score_threshold"])
+    score = load_settings().run.score_threshold
     gpu = torch.cuda.get_device_name(0)
 
     tiles, plain = plain_loop(str(checkpoint), scene, args.tile, args.overlap, args.batch_size, args.precision, score)

@@ -93,7 +93,7 @@ def main() -> None:
     checkpoint = work / f"{args.backbone}_random.pt"
     save_checkpoint(checkpoint, build_model(config), config, ["square"])
 
-    score = float(load_settings()["run"]["score_threshold"])
+    score = load_settings().run.score_threshold
     n_tiles = len(plan_windows(args.size, args.size, args.tile, args.overlap))
     lines = [f"{args.backbone} Mask R-CNN (random weights), {args.size}^2 px scene, tile {args.tile}, "
              f"overlap {args.overlap}, batch {args.batch_size}, score threshold {score}"]
