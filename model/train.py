@@ -51,8 +51,13 @@ class TrainOptions:
     device: str = "cpu"
     seed: int = 0
     resume: bool = False
-    validate: bool = False  # COCO AP on data/val after each epoch
+    validate: bool = False  # COCO AP on data/val after each epoch (or every `validate_every` iterations)
     progress: bool = True
+    # Iterations between validations / between checkpoints; None: at the end of each epoch. The last
+    # iteration always does both. A tiny data set has epochs of a few iterations: validating and writing
+    # 570 MB (Swin-T with AdamW's state) that often would cost more than the training.
+    validate_every: int | None = None
+    checkpoint_every: int | None = None
 
 
 @dataclass(frozen=True)
@@ -156,6 +161,9 @@ def plan_training(config: dict[str, Any], options: TrainOptions, workers: int = 
     total = int(options.iters) if options.iters is not None else int(options.epochs) * epoch_len
     if total < 1:
         raise UserError("--iters / --epochs must be at least 1")
+    for name in ("validate_every", "checkpoint_every"):
+        if getattr(options, name) is not None and getattr(options, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
     start = resume_point(config, options, total, batch_size * workers)
     return Plan(config, batch_size, workers, epoch_len, total, start)
 
@@ -261,7 +269,7 @@ class LossLog:
             with path.open() as f:
                 kept = [r for r in csv.DictReader(f) if int(r["iteration"]) <= start]
         self.file = path.open("w", newline="")
-        self.writer = csv.DictWriter(self.file, fieldnames=LOG_FIELDS)
+        self.writer = csv.DictWriter(self.file, fieldnames=LOG_FIELDS, extrasaction="ignore")
         self.writer.writeheader()
         self.writer.writerows(kept)
         self.file.flush()
@@ -275,15 +283,18 @@ class LossLog:
 
 
 class ProgressBar:
-    """tqdm bar with the smoothed loss and the lr; called with each iteration's row."""
+    """tqdm bar with the smoothed loss, the lr and the last validation's AP50; called with each iteration's row."""
 
     def __init__(self, plan: Plan, enabled: bool):
         self.bar = tqdm(total=plan.total, initial=plan.start, desc="train", unit="it", disable=not enabled)
         self.smoothed: float | None = None
+        self.ap50: dict[str, str] = {}
 
     def __call__(self, row: dict[str, Any]) -> bool:
         self.smoothed = row["loss"] if self.smoothed is None else 0.9 * self.smoothed + 0.1 * row["loss"]
-        self.bar.set_postfix(loss=f"{self.smoothed:.3f}", lr=f"{row['lr']:.2e}")
+        if "val" in row:
+            self.ap50 = {f"{kind}_AP50": f"{row['val'][kind]['AP50']:.3f}" for kind in ("bbox", "segm")}
+        self.bar.set_postfix(loss=f"{self.smoothed:.3f}", lr=f"{row['lr']:.2e}", **self.ap50)
         self.bar.update(1)
         return False  # never asks to stop: Ctrl-C is a KeyboardInterrupt here
 
@@ -291,24 +302,34 @@ class ProgressBar:
         self.bar.close()
 
 
+def due(iteration: int, every: int | None, plan: Plan) -> bool:
+    """Is a validation or checkpoint taken every `every` iterations (None: each epoch) due after `iteration`?"""
+    return iteration % (every or plan.epoch_len) == 0 or iteration == plan.total
+
+
 def run_loop(session: Session, plan: Plan, options: TrainOptions, *, forward: nn.Module | None = None,
              rank: int = 0, mean: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
              report: Callable[[dict[str, Any]], bool] = lambda row: False) -> dict[str, Any]:
-    """Train from plan.start to plan.total; returns the summary (iterations, losses, timings, val AP).
+    """Train from plan.start to plan.total; returns the summary (iterations, losses, timings, val AP, and the
+    history: every iteration's row and every validation, each with the training seconds it took to get there).
 
-    Rank 0 logs the losses and writes the checkpoint, weights and training state (each epoch, at the end, on
-    KeyboardInterrupt).
+    Rank 0 logs the losses, validates (`options.validate`) and writes the checkpoint, weights and training
+    state (each epoch or `options.*_every` iterations, at the end, on KeyboardInterrupt).
     `mean` averages a tensor over the processes; each row holds those means. `report` shows rank 0's row
-    and may ask to stop: the request travels with the next iteration's mean, so every rank stops after the
-    same iteration, and the run ends with a checkpoint there.
+    (with the validation's metrics under "val" when one was just made) and may ask to stop: the request
+    travels with the next iteration's mean, so every rank stops after the same iteration, and the run ends
+    with a checkpoint there.
     """
     forward = forward or session.model
     data = AugmentedTiles(CocoTiles(options.data / "train"), options.seed)
     clip = float(plan.config["train"]["clip_grad_norm"] or 0)
     log = LossLog(losses_path(options.out), plan.start) if rank == 0 else None
+    val_tiles = options.data / "val"
+    validate = options.validate and rank == 0 and (val_tiles / "annotations.json").exists()
     history: list[dict[str, Any]] = []
     val_metrics: list[dict[str, Any]] = []
     iteration, stop_request = plan.start, False
+    trained = 0.0  # seconds of optimizer steps since plan.start: the clock of the curves, validation excluded
 
     def checkpoint() -> None:
         if rank == 0:
@@ -329,19 +350,21 @@ def run_loop(session: Session, plan: Plan, options: TrainOptions, *, forward: nn
             row = {"iteration": iteration, "epoch": epoch, "lr": lr, "loss": sum(means[:-1]),
                    **dict(zip(LOSS_NAMES, means)), "seconds": time.perf_counter() - t0}
             history.append(row)
+            trained += row["seconds"]
+            if validate and due(iteration, options.validate_every, plan):
+                metrics, _ = evaluate_model(session.model, CocoTiles(val_tiles), session.device, plan.batch_size,
+                                            progress=False)
+                val_metrics.append({"iteration": iteration, "seconds": trained, **metrics})
+                session.model.train()
+                row = {**row, "val": metrics}
             if log is not None:
                 log.write(row)
                 stop_request = report(row)
             if means[-1] > 0:  # some rank was asked to stop: all stop here
                 checkpoint()
                 break
-            if iteration % plan.epoch_len == 0 or iteration == plan.total:
+            if due(iteration, options.checkpoint_every, plan):
                 checkpoint()
-                if options.validate and rank == 0 and (options.data / "val" / "annotations.json").exists():
-                    metrics, _ = evaluate_model(session.model, CocoTiles(options.data / "val"), session.device,
-                                                plan.batch_size, progress=False)
-                    val_metrics.append({"iteration": iteration, **metrics})
-                    session.model.train()
     except KeyboardInterrupt:
         checkpoint()
         raise
@@ -359,17 +382,25 @@ def run_loop(session: Session, plan: Plan, options: TrainOptions, *, forward: nn
         "checkpoint": str(options.out),
         "train_state": str(train_state_path(options.out)),
         "val": val_metrics,
+        "history": history,
     }
 
 
-def train(config: dict[str, Any], options: TrainOptions) -> dict[str, Any]:
-    """Train Mask R-CNN on COCO tiles in this process; returns a summary (iterations, losses, timings, val AP)."""
+def train(config: dict[str, Any], options: TrainOptions,
+          stop_when: Callable[[dict[str, Any]], bool] | None = None) -> dict[str, Any]:
+    """Train Mask R-CNN on COCO tiles in this process; returns a summary (iterations, losses, timings, val AP,
+    history). `stop_when(row)` may end the run early (after the next iteration, with a checkpoint), e.g. once
+    a validation (row["val"]) reaches a target."""
     check_gpus(options.device)
     device = torch.device(options.device)
     plan = plan_training(config, options)
     session = build_session(plan, options, device)
     bar = ProgressBar(plan, options.progress)
+
+    def report(row: dict[str, Any]) -> bool:
+        return bar(row) or (stop_when is not None and stop_when(row))
+
     try:
-        return run_loop(session, plan, options, report=bar)
+        return run_loop(session, plan, options, report=report)
     finally:
         bar.close()

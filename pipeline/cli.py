@@ -115,6 +115,8 @@ def add_training_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, help="images per step (default: the config's train.batch_size)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the model trains")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights' init, the shuffling and augmentations")
+    p.add_argument("--validate-every", type=int, metavar="N",
+                   help="COCO AP on DATA/val every N iterations (default: after each epoch)")
 
 
 DEBUG_HELP = "show tracebacks and Ray's own messages"
@@ -222,7 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--configs", nargs="+", required=True, help="model configs, one per backbone to compare")
     p.add_argument("--data", required=True, help="a `prepare` output directory (train/ and val/)")
     add_training_options(p)
-    p.add_argument("--out-dir", default="compare", help="checkpoints and the table (compare.md, compare.json)")
+    p.add_argument("--out-dir", default="compare",
+                   help="checkpoints, the table (compare.md, compare.json) and the curves (compare.png)")
     p.set_defaults(func=cmd_compare)
     return parser
 
@@ -277,7 +280,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     options = TrainOptions(data=Path(args.data), out=Path(args.out), iters=args.iters, epochs=args.epochs,
                            batch_size=args.batch_size, device=args.device, seed=args.seed, resume=args.resume,
-                           validate=args.validate)
+                           validate=args.validate or args.validate_every is not None,
+                           validate_every=args.validate_every)
     cluster = _options(args, ["gpus_per_worker", "threads_per_worker", "ray_address"])
     if args.workers is None:
         if cluster:
@@ -287,7 +291,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         from model.distributed import WorkerOptions, train_distributed
 
         summary = train_distributed(config, options, WorkerOptions(args.workers, **cluster))
-    print(json.dumps({k: v for k, v in summary.items() if k != "val"}, indent=2))
+    print(json.dumps({k: v for k, v in summary.items() if k not in ("val", "history")}, indent=2))
     return 0
 
 
@@ -303,7 +307,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from model.compare import compare
 
     compare(args.configs, Path(args.data), Path(args.out_dir), iters=args.iters, epochs=args.epochs,
-            batch_size=args.batch_size, device=args.device, seed=args.seed)
+            batch_size=args.batch_size, device=args.device, seed=args.seed, validate_every=args.validate_every)
     return 0
 
 

@@ -5,15 +5,20 @@ from __future__ import annotations
 
 import csv
 import shutil
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
+import rasterio
 import torch
+from rasterio.errors import NotGeoreferencedWarning
 
 import model.train as train_module
 from model.checkpoint import load_checkpoint, read_checkpoint, read_train_state, train_state_path
 from core.errors import UserError
+from model.compare import compare
 from model.config import load_config
 from model.train import TrainOptions, build_session, losses_path, plan_training, train
 from tests.coco_fixtures import write_coco_tiles
@@ -118,3 +123,53 @@ def test_resume_refuses_a_training_state_of_other_weights(data, tmp_path):
     train_state_path(out).unlink()
     with pytest.raises(UserError, match="model.train-state.pt: not found: nothing to resume"):
         train(small_config(), TrainOptions(seed=1, resume=True, **options))
+
+
+def test_validates_and_checkpoints_every_n_iterations_and_stops_when_asked(data, tmp_path, monkeypatch):
+    """validate_every / checkpoint_every count iterations across epochs (4 tiles, batch 1: epochs of 4);
+    stop_when ends the run one iteration later, with a checkpoint there; the history holds every row and each
+    validation's training seconds."""
+    real_save, saved = train_module.save_training, []
+
+    def recording_save(path, model, config, class_names, state):
+        saved.append(state["iteration"])
+        real_save(path, model, config, class_names, state)
+
+    monkeypatch.setattr(train_module, "save_training", recording_save)
+    out = tmp_path / "model.pt"
+    options = TrainOptions(data=data, out=out, iters=8, batch_size=1, validate=True, validate_every=2,
+                           checkpoint_every=3, progress=False)
+    summary = train(small_config(), options, stop_when=lambda row: "val" in row and row["iteration"] == 4)
+    assert [v["iteration"] for v in summary["val"]] == [2, 4]
+    assert saved == [3, 5]
+    history = summary["history"]
+    assert [r["iteration"] for r in history] == [1, 2, 3, 4, 5]
+    assert summary["val"][1]["seconds"] == pytest.approx(sum(r["seconds"] for r in history[:4]))
+    assert set(summary["val"][0]["segm"]) >= {"AP", "AP50"} and set(summary["val"][0]["bbox"]) >= {"AP", "AP50"}
+    rows = list(csv.DictReader(losses_path(out).open()))
+    assert [int(r["iteration"]) for r in rows] == [1, 2, 3, 4, 5] and "val" not in rows[0]
+    with pytest.raises(UserError, match="--validate-every must be at least 1"):
+        train(small_config(), replace(options, validate_every=0))
+
+
+def test_compare_writes_the_table_and_draws_the_curves(data, tmp_path):
+    configs = []
+    for name in ("swin_t", "resnet50"):
+        configs.append(tmp_path / f"{name}.yaml")
+        configs[-1].write_text(f"model: {{backbone: {{name: {name}}}}}\nschedule: {{warmup_iters: 1}}\n")
+    out = tmp_path / "compare"
+    rows = compare([str(c) for c in configs], data, out, iters=2, epochs=None, batch_size=2, device="cpu", seed=0,
+                   validate_every=1)
+    assert [r["backbone"] for r in rows] == ["swin_t", "resnet50"]
+    assert all([v["iteration"] for v in r["validations"]] == [1, 2] for r in rows)
+    assert "![" in (out / "compare.md").read_text() and "(compare.png)" in (out / "compare.md").read_text()
+    png = out / "compare.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        with rasterio.open(png) as src:
+            page = src.read()[:3].transpose(1, 2, 0).astype(int)
+    assert page.shape[:2] == (800, 1200)
+    for colour in ((31, 119, 180), (255, 127, 14)):  # matplotlib's C0 and C1: one line colour per backbone
+        assert (np.abs(page - colour).sum(axis=2) < 30).sum() > 200, colour
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temporary file left behind
