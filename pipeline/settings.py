@@ -79,12 +79,6 @@ class Settings:
         """As in the config file (what run reports and fingerprints record)."""
         return dataclasses.asdict(self)
 
-    def replace(self, section: str | None = None, **values: Any) -> Settings:
-        """A copy with `values` changed, in `section` (prepare, run, merge) or at the top level."""
-        if section is None:
-            return dataclasses.replace(self, **values)
-        return dataclasses.replace(self, **{section: dataclasses.replace(getattr(self, section), **values)})
-
 
 DEFAULTS: dict[str, Any] = Settings().to_dict()
 

@@ -225,4 +225,4 @@ def test_settings_are_parsed_once_into_a_frozen_typed_object():
     assert s.run.batch_size == 8  # the GPU default, resolved once here
     with pytest.raises(dataclasses.FrozenInstanceError):
         s.run.score_threshold = 0.1
-    assert Settings().to_dict() == PIPELINE_DEFAULTS and s.replace("run", layer="x").run.layer == "x"
+    assert Settings().to_dict() == PIPELINE_DEFAULTS
