@@ -16,6 +16,7 @@ from typing import Any
 
 from core.cluster import release_ray
 from core.errors import Interrupted, UserError, first_line
+from pipeline.settings import PRECISIONS, SCALINGS
 from pipeline.writers import FORMATS
 
 EXIT_BAD_INPUT, EXIT_INCOMPLETE, EXIT_INTERRUPTED = 2, 3, 130
@@ -100,7 +101,7 @@ def add_reading_options(p: argparse.ArgumentParser) -> None:
     setting(p, "--nodata", "nodata", "the value of pixels that are not image (e.g. an orthomosaic's white collar: "
             "255), over the scene's own; or one per band: 0,0,0", type=_nodata, none="the scene's own")
     setting(p, "--scaling", "scaling", "scene values -> model input: auto (uint8 / 255, other types a per-scene "
-            "percentile stretch), divide255, percentile or range", choices=["auto", "divide255", "percentile", "range"])
+            "percentile stretch), divide255, percentile or range", choices=SCALINGS)
     setting(p, "--percentiles", "percentiles", "low,high percentiles of the percentile stretch", type=_pair)
     setting(p, "--value-range", "value_range", "low,high scene values mapped to 0 and 1 with --scaling range "
             "(the same scaling for every scene)", type=_pair)
@@ -154,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
             type=float)
     setting(p, "--device", "run.device", "where the model runs", choices=["cpu", "cuda"])
     setting(p, "--precision", "run.precision", "cuda only: auto (the checkpoint's model.amp), float32, float16 or "
-            "bfloat16 autocast", choices=["auto", "float32", "float16", "bfloat16"])
+            "bfloat16 autocast", choices=PRECISIONS)
     setting(p, "--ray-address", "run.ray_address", "'auto' or HOST:PORT: an existing Ray cluster",
             none="$RAY_ADDRESS if set, else Ray in-process")
     setting(p, "--workers", "run.workers", "model actors", type=int)

@@ -20,13 +20,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from model.checkpoint import load_checkpoint, read_checkpoint_header
 from core.errors import UserError
+from model.checkpoint import load_checkpoint, read_checkpoint_header
+from pipeline.settings import PRECISIONS
 
 if TYPE_CHECKING:  # torch is imported where the model runs (Ray workers), not by the driver
     import torch
-
-PRECISIONS = ("auto", "float32", "float16", "bfloat16")
 
 
 class CheckpointPredictor:

@@ -17,6 +17,9 @@ from core.errors import UserError
 from core.yaml_files import layered
 from pipeline.writers import FORMATS
 
+SCALINGS = ("auto", "divide255", "percentile", "range")  # see pipeline/raster.py
+PRECISIONS = ("auto", "float32", "float16", "bfloat16")  # cuda only: autocast of the whole forward
+
 
 @dataclass(frozen=True)
 class PrepareSettings:
@@ -108,7 +111,7 @@ def validate(s: dict[str, Any]) -> None:
     nodata = s["nodata"] if isinstance(s["nodata"], list) else [s["nodata"]]
     if s["nodata"] is not None and not (nodata and all(type(v) in (int, float) for v in nodata)):
         raise UserError(f"nodata must be a number or a list of one number per band, got {s['nodata']!r}")
-    if s["scaling"] not in ("auto", "divide255", "percentile", "range"):
+    if s["scaling"] not in SCALINGS:
         raise UserError(f"scaling must be auto, divide255, percentile or range, got {s['scaling']!r}")
     low, high = s["percentiles"]
     if not 0 <= low < high <= 100:
@@ -147,7 +150,7 @@ def validate(s: dict[str, Any]) -> None:
         raise UserError("batches_in_flight must be >= 1 and simplify >= 0")
     if r["format"] not in FORMATS:
         raise UserError(f"format must be one of {', '.join(FORMATS)}, got {r['format']!r}")
-    if r["precision"] not in ("auto", "float32", "float16", "bfloat16"):
+    if r["precision"] not in PRECISIONS:
         raise UserError(f"precision must be auto, float32, float16 or bfloat16, got {r['precision']!r}")
     m = s["merge"]
     if not 0 < m["iou_threshold"] <= 1 or not 0 < m["ios_threshold"] <= 1:
