@@ -22,6 +22,17 @@ class NativeSizeTransform(GeneralizedRCNNTransform):
         return image, target
 
 
+def start_masks_undecided(model: MaskRCNN) -> None:
+    """Mask logits start near 0 (N(0, 0.001), as Detectron2 does), so the first mask loss is ln 2.
+
+    torchvision draws the 1x1 logit layer like the convolutions before it (Kaiming, fan-out: std 1 for 2
+    outputs), which over 256 channels of O(1) features gives logits of +-13 (Swin-T) to +-25 (ResNet-50)
+    and a first mask loss of 7-20: the first few dozen steps, and Adam's moments, go to undoing that."""
+    logits = model.roi_heads.mask_predictor.mask_fcn_logits
+    torch.nn.init.normal_(logits.weight, std=0.001)
+    torch.nn.init.zeros_(logits.bias)
+
+
 def build_model(config: dict[str, Any], num_classes: int | None = None, load_weights: bool = True) -> MaskRCNN:
     """Mask R-CNN for `config`; `num_classes` counts object classes (background is added here)."""
     m = config["model"]
@@ -55,6 +66,7 @@ def build_model(config: dict[str, Any], num_classes: int | None = None, load_wei
         image_mean=list(m["image_mean"]),
         image_std=list(m["image_std"]),
     )
+    start_masks_undecided(model)
     if m["min_size"] is None:
         model.transform = NativeSizeTransform(1, 1, list(m["image_mean"]), list(m["image_std"]))
     else:

@@ -173,3 +173,27 @@ def test_compare_writes_the_table_and_draws_the_curves(data, tmp_path):
     for colour in ((31, 119, 180), (255, 127, 14)):  # matplotlib's C0 and C1: one line colour per backbone
         assert (np.abs(page - colour).sum(axis=2) < 30).sum() > 200, colour
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temporary file left behind
+
+
+@pytest.mark.parametrize("backbone", ["swin_t", "resnet50"])
+def test_a_few_iterations_on_one_tile_drive_the_loss_down(backbone, tmp_path):
+    """The training chain learns: 8 steps on one tile (the CPU config, random weights) lower the losses that
+    depend on the targets being right: the RPN's objectness and box regression (anchors matched to the boxes)
+    and the mask loss (mask targets cut from the right place). The RoI classifier's loss is left out: it falls
+    at once, then rises again as the RPN starts to propose objects the head must tell apart; the benchmark
+    tests/benchmarks/bench_overfit.py checks the end of the story (AP on memorised tiles)."""
+    write_coco_tiles(tmp_path / "data" / "train", n_images=1)
+    config = load_config(f"data/samples/{backbone}_cpu.yaml", {"schedule": {"warmup_iters": 1}})
+    summary = train(config, TrainOptions(data=tmp_path / "data", out=tmp_path / "model.pt", iters=8, batch_size=1,
+                                         checkpoint_every=8, progress=False))
+    history = summary["history"]
+
+    def mean(key: str, rows: list[dict]) -> float:
+        return sum(r[key] for r in rows) / len(rows)
+
+    learned = ("loss_objectness", "loss_rpn_box_reg", "loss_mask")
+    assert mean("loss_mask", history[:1]) == pytest.approx(0.69, abs=0.03)  # the mask head starts at "don't know"
+    for key in learned:
+        assert mean(key, history[-2:]) < 0.92 * mean(key, history[:2]), key
+    first, last = (sum(mean(k, rows) for k in learned) for rows in (history[:2], history[-2:]))
+    assert last < 0.8 * first

@@ -110,10 +110,12 @@ class PeakMemory:
 DOC = Path(__file__).resolve().parents[2] / "docs" / "benchmarks.md"
 
 
-def publish(section: str, command: str, lines: list[str]) -> None:
-    """Print the figures and replace this benchmark's section of docs/benchmarks.md with them."""
+def publish(section: str, command: str, lines: list[str], figure: str | None = None) -> None:
+    """Print the figures and replace this benchmark's section of docs/benchmarks.md with them; `figure`: an
+    image to show under them (a path relative to docs/)."""
+    shown = ["", f"![{section}]({figure})"] if figure else []
     body = "\n".join([f"Command: `{command}`  ", f"Machine: {machine()}  ",
-                      f"Measured: {time.strftime('%Y-%m-%d')}", "", "```", *lines, "```"])
+                      f"Measured: {time.strftime('%Y-%m-%d')}", "", "```", *lines, "```", *shown])
     print("\n".join(lines))
     start, end = f"<!-- {section} -->", f"<!-- /{section} -->"
     text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
