@@ -11,6 +11,7 @@ Free of torch, so light jobs (`prepare`) start Ray without importing it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import os
 import signal
@@ -367,6 +368,17 @@ def in_flight(next_item: Callable[[], Any], start: Callable[[Any], Any],
     finally:
         for ref in pending:
             ray.cancel(ref)
+
+
+@functools.cache
+def light_task(fn: Callable) -> Any:
+    """`fn` as a Ray task that takes no CPU slot (a short job of the driver's, such as reading a scene's
+    overview, run beside the model workers), made once per process: making a remote function exports it to
+    the cluster at its first call, which per scene would cost the driver more than the call. (Ray exports it
+    again by itself after a restart.)"""
+    import ray
+
+    return ray.remote(num_cpus=0)(fn)
 
 
 def check_gpus(device: str, needed: float = 1.0) -> None:

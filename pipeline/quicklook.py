@@ -22,6 +22,7 @@ import shapely
 from affine import Affine
 from pyproj import CRS, Transformer
 
+from core.cluster import light_task
 from core.files import atomic_path
 from pipeline.raster import Overview, Scaling, SceneInfo, normalize, read_overview, to_uint8
 from pipeline.style import PALETTE, class_colour, label_name
@@ -53,10 +54,10 @@ class Quicklook:
 
     def __init__(self, scene: str, info: SceneInfo, bands: list[int], scaling: Scaling,
                  class_names: Sequence[str] | None = None, overview: Overview | None = None, max_side: int = 1024):
-        overview = overview if overview is not None else read_overview(scene, info, bands, max_side)
-        self.transform = overview.transform
-        self.image = to_uint8(normalize(overview.data, scaling), overview.valid)
-        self.classes = np.zeros(overview.valid.shape, dtype=np.int32)  # class id of an outline pixel, 0: none
+        self.overview = overview if overview is not None else read_overview(scene, info, bands, max_side)
+        self.scaling = scaling
+        self.transform = self.overview.transform
+        self.classes = np.zeros(self.overview.valid.shape, dtype=np.int32)  # class id of an outline pixel, 0: none
         self.counts: Counter[int] = Counter()
         self.name, self.info = Path(scene).name, info
         self.class_names = list(class_names) if class_names else None
@@ -70,10 +71,7 @@ class Quicklook:
 
     def canvas(self) -> np.ndarray:
         """The overview with the outlines, 3 x h x w uint8."""
-        rgb = self.image.copy()
-        drawn = self.classes > 0
-        rgb[:, drawn] = PALETTE[(self.classes[drawn] - 1) % len(PALETTE)].T
-        return rgb
+        return canvas(self.overview, self.scaling, self.classes)
 
     def caption(self) -> Caption:
         height, width = self.classes.shape
@@ -91,23 +89,31 @@ class Quicklook:
                        scale=scale_bar(per_px, width) if per_px else None)
 
     def save(self, path: Path) -> None:
-        """Lay out the page and write it. With Ray running here the layout runs in a Ray task: matplotlib
-        costs ~0.5 s of CPU per page (more with its first import), which the driver of a many-scene job,
-        feeding GPUs, cannot spare. The task returns the PNG's bytes; this process writes the file."""
+        """Compose the picture, lay out the page and write it. With Ray running here both run in a Ray task:
+        scaling the overview to 8 bits and matplotlib's layout cost ~0.5 s of CPU per page (more with its
+        first import), which the driver of a many-scene job, feeding GPUs, cannot spare. The task returns
+        the PNG's bytes; this process writes the file."""
         import ray
 
-        if ray.is_initialized():
-            png = ray.get(ray.remote(num_cpus=0)(page).remote(self.canvas(), self.caption()))
-        else:
-            png = page(self.canvas(), self.caption())
+        parts = (self.overview, self.scaling, self.classes, self.caption())
+        png = ray.get(light_task(page).remote(*parts)) if ray.is_initialized() else page(*parts)
         with atomic_path(path) as tmp:
             tmp.write_bytes(png)
 
 
-def page(canvas: np.ndarray, caption: Caption) -> bytes:
+def canvas(overview: Overview, scaling: Scaling, classes: np.ndarray) -> np.ndarray:
+    """The overview in 8 bits with the outlines painted in their class colours (`classes`: the class id of
+    each outline pixel, 0 for none), 3 x h x w uint8."""
+    rgb = to_uint8(normalize(overview.data, scaling), overview.valid)
+    drawn = classes > 0
+    rgb[:, drawn] = PALETTE[(classes[drawn] - 1) % len(PALETTE)].T
+    return rgb
+
+
+def page(overview: Overview, scaling: Scaling, classes: np.ndarray, caption: Caption) -> bytes:
     """The quicklook page as PNG bytes."""
     buffer = io.BytesIO()
-    render(canvas, caption).savefig(buffer, format="png", dpi=DPI)
+    render(canvas(overview, scaling, classes), caption).savefig(buffer, format="png", dpi=DPI)
     return buffer.getvalue()
 
 

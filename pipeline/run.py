@@ -121,9 +121,7 @@ def run_job(tasks: list[SceneTask], predictor: Callable, settings: Settings, poo
             for out in outputs:
                 detections += out.detections
                 run = runs[out.scene]
-                rows = run.take(out)
-                if len(rows):
-                    output.submit(run.write, rows)
+                output.submit(run.record, out, run.take(out))
                 if run.complete:
                     run.summary.resubmitted_tiles = active.stats.resubmitted_tiles - stats[0]
                     run.summary.worker_restarts = active.stats.replaced_workers - stats[1]

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import shapely
 
+from core.cluster import light_task
 from core.errors import UserError
 from core.files import atomic_path, check_not_input, check_writable, exclusive, lock_path, remove_leftovers
 from pipeline.features import Rows
@@ -40,7 +41,7 @@ from pipeline.writers import read_result_fingerprint, writer_for
 from pipeline.writers.base import Writer, sidecar
 from pipeline.settings import Settings
 
-WRITE_BATCH = 5000  # rows per write (a GeoPackage append, a Parquet row group): bounded memory for millions
+WRITE_BATCH = 5000  # rows per write (an Arrow batch, a Parquet row group): bounded memory for millions
 OUTPUT_FORMAT = 2  # bumped when the same inputs give other rows (2: the seam rule of 2026-12)
 
 
@@ -105,7 +106,7 @@ def look_at(scene: str, info: SceneInfo, settings: Settings) -> Callable[[], tup
     bands = resolve_bands(settings.bands, info.count, scene, info.alpha)
     nodata = band_nodata(settings.nodata, info, bands, scene)
     if ray.is_initialized():
-        ref = ray.remote(num_cpus=0)(first_look).remote(scene, info, bands, nodata)
+        ref = light_task(first_look).remote(scene, info, bands, nodata)
         return functools.cache(lambda: ray.get(ref))
     return functools.cache(lambda: first_look(scene, info, bands, nodata))
 
@@ -127,7 +128,7 @@ class SceneRun:
         self.failed: dict[int, str] = {}
         self.nodata = 0
         self.writer: Writer | None = None
-        self.failure: BaseException | None = None  # of a write on the output thread, raised by `finish`
+        self.failure: BaseException | None = None  # of the output thread (saving, writing): `take`, `finish` raise it
         self.quicklook: Quicklook | None = None
         self.backlog: list[Rows] = []  # rows waiting for the output to open (after `previous` is written)
         self.finished = False
@@ -182,7 +183,10 @@ class SceneRun:
         return not self.remaining
 
     def take(self, out: TileOutput, saved: bool = False) -> Rows:
-        """One finished window; returns the rows now settled in their place."""
+        """One finished window; returns the rows now settled in their place. An error of the output thread
+        (saving a tile, writing rows) stops the scene here rather than after its last tile."""
+        if self.failure is not None:
+            raise self.failure
         t = time.perf_counter()
         if not saved:
             self.summary.timeline.setdefault("first_tile", time.time())
@@ -191,8 +195,6 @@ class SceneRun:
             self.failed[out.index] = out.error or "unknown error"
             self.merge.take(out.index, Rows.empty(), [], Rows.empty())
         else:
-            if not saved:
-                self.store.save(out)
             self.nodata += out.status == "nodata"
             window = self.spec.grid[out.index]
             self.merge.take(out.index, out.final, out.pending.instances(window, out.index), out.pending_rows)
@@ -205,11 +207,23 @@ class SceneRun:
         return rows
 
     # --- output thread ---------------------------------------------------------------------------------
+    def record(self, out: TileOutput, rows: Rows) -> None:
+        """Save a computed window for a resume, then write the rows its arrival settled (`take`). Saving here,
+        not on the main thread, keeps the file writes off the thread that bounds how many tiles one driver
+        takes per second; the output thread runs in order, so a scene's tiles are saved before it finishes
+        or is aborted."""
+        if self.failure is None and out.status != "failed":
+            try:
+                self.store.save(out)
+            except BaseException as error:
+                self.failure = error
+        self.write(rows)
+
     def write(self, rows: Rows) -> None:
-        """Stream rows into the output, WRITE_BATCH at a time: a GeoPackage append opens and closes the file,
-        which costs milliseconds whatever the batch holds (held back until the previous scene of the same
-        file is written). Nobody waits on this call: an error is kept for `finish` to raise, and the rows
-        after it are not written."""
+        """Stream rows into the output, WRITE_BATCH at a time: each batch has a fixed cost whatever it holds
+        (an Arrow batch, a Parquet row group, a pass of the quicklook's drawing); held back until the
+        previous scene of the same file is written. Nobody waits on this call: an error is kept for `finish`
+        to raise, and the rows after it are not written."""
         if self.failure is not None:
             return
         self.backlog.append(rows)

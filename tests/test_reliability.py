@@ -346,6 +346,28 @@ def test_unwritable_output_directory_is_refused_before_work(tmp_path, monkeypatc
         run_scene(str(scene), tmp_path / "nowhere" / "out.gpkg", predictor=OraclePredictor(), progress=False)
 
 
+def test_a_disk_full_while_saving_tiles_stops_the_run_without_an_output(tmp_path, monkeypatch, scene, ray_session):
+    """Tiles are saved on the output thread: its error must stop the run, not vanish, and leave no output."""
+    from pipeline.store import TileStore
+
+    real_save, saved = TileStore.save, []
+
+    def save(store, result):
+        if len(saved) == 2:
+            raise OSError(28, "No space left on device")
+        saved.append(result.index)
+        real_save(store, result)
+
+    monkeypatch.setattr(TileStore, "save", save)
+    out = tmp_path / "out.gpkg"
+    with pytest.raises(OSError, match="No space left"):
+        run_scene(str(scene), out, predictor=OraclePredictor(), tile=TILE, overlap=OVERLAP, scaling="divide255",
+                  progress=False)
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.gpkg.tiles", "scene.tif"]  # no temporary file
+    assert len(list(state_dir(out).glob("tile-*.bin"))) == 2  # what was saved stays, for a resume
+
+
 class UnloadableModel(OraclePredictor):
     def load(self):
         raise FileNotFoundError("model.pt is not on this node")

@@ -1,8 +1,8 @@
 """GDAL formats written as one stream: `pyogrio.raw.write_arrow` reads Arrow batches as the run makes them.
 
 Some GDAL drivers cannot append to a file they closed (FlatGeobuf), or reload the whole file to append
-(GeoJSON), so a file of these formats is written by one `write_arrow` call that lasts as long as the
-writer: it runs on a thread of its own and pulls batches from a short queue that `write` fills. The
+(GeoJSON), and reopening a GeoPackage for each batch costs twice the CPU of streaming into it, so a file of
+these formats is written by one `write_arrow` call that lasts as long as the writer: it runs on a thread of its own and pulls batches from a short queue that `write` fills. The
 queue holds at most `QUEUED` batches, so memory stays flat whatever the scene holds; an error of the
 driver stops the run at its next batch. A format is a subclass naming its driver and creation options.
 """
@@ -39,13 +39,17 @@ class StreamWriter(Writer):
         self.thread = threading.Thread(target=self.stream, name=f"write {self.path.name}", daemon=True)
         self.thread.start()
 
+    def creation_options(self) -> dict[str, Any]:
+        """The driver's creation options for the `write_arrow` call (`layer_options`, `dataset_options`)."""
+        return {"layer_options": self.layer_options}
+
     def stream(self) -> None:
         """The driver's side (own thread): write every batch queued until the end mark."""
         try:
             pyogrio.raw.write_arrow(pa.RecordBatchReader.from_batches(SCHEMA, self.batches()), self.tmp,
                                     driver=self.driver, layer=self.layer, geometry_name=GEOMETRY,
                                     geometry_type="MultiPolygon", crs=self.crs.to_wkt(), encoding="UTF-8",
-                                    layer_options=self.layer_options)
+                                    **self.creation_options())
         except BaseException as error:  # raised on the run's side at its next batch or at close
             self.failure = error
 

@@ -5,11 +5,12 @@ time per tile (sleeping, as a GPU forward takes wall time but no host CPU) and r
 Prints, for each time per tile and worker count: tiles/s, efficiency against the ideal (tiles x time per tile
 / workers: what the model alone would take), over the whole job and from the first batch on (the job's start,
 before the first batch returns, is a one-time cost: Ray's first calls into a fresh actor); the driver's CPU ms
-per tile (the whole process, and its main thread alone), the model workers' host CPU ms per tile (the
+per tile (the whole process, and by thread: main, output, plan, other Python threads, Ray's native threads;
+after a first job that takes the process's one-time costs, such as imports), the model workers' host CPU ms per tile (the
 pipeline's share, the stand-in's own CPU apart), the other Ray workers' (per-scene tasks: overview read,
 quicklook page) and Ray's daemons'.
 
-    python -m tests.benchmarks.bench_gpu_sim [--scenes 3] [--size 3072] [--seconds 0.05 0.1] [--workers 1 2]
+    python -m tests.benchmarks.bench_gpu_sim [--jobs 3x3072 1x8192] [--seconds 0.05 0.1] [--workers 1 2]
 """
 
 from __future__ import annotations
@@ -17,9 +18,13 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import sys
 import tempfile
+import threading
 import time
+from collections import Counter
 from pathlib import Path
+from typing import ClassVar
 
 import psutil
 
@@ -52,6 +57,55 @@ def cpu_seconds(procs: list[psutil.Process]) -> dict[int, float]:
     return seconds
 
 
+class ThreadClock:
+    """CPU seconds of each of this process's threads, by role, sampled every `period` s (a thread's time is
+    gone from /proc once it ends, so the last sample before its end stands for it). Roles: the main thread
+    (taking tiles, the seam merge), `output` (saving tiles, writing, the quicklook's outlines), `plan` (opening scenes
+    ahead), other Python threads, and Ray's native threads (its core worker: receiving results, gRPC)."""
+
+    ROLES: ClassVar[dict[str, str]] = {"MainThread": "main", "output": "output", "write ": "output", "plan": "plan"}
+
+    def __init__(self, period: float = 0.05):
+        self.period, self.seen = period, {}
+        self.names: dict[int, str] = {}
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.sample_loop, name="thread-clock", daemon=True)
+
+    def sample(self) -> None:
+        self.names.update({t.native_id: t.name for t in threading.enumerate() if t.native_id is not None})
+        for t in psutil.Process().threads():
+            self.seen[t.id] = t.user_time + t.system_time
+
+    def sample_loop(self) -> None:
+        while not self.stop.wait(self.period):
+            self.sample()
+
+    def __enter__(self) -> ThreadClock:
+        self.sample()
+        self.start = dict(self.seen)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+        self.sample()
+
+    def role(self, tid: int) -> str:
+        name = self.names.get(tid)
+        if name is None:
+            return "ray (native)"
+        return next((role for prefix, role in self.ROLES.items() if name.startswith(prefix)), "other python")
+
+    def by_role(self) -> Counter:
+        """Seconds per role over the block, this sampler's own thread left out."""
+        used: Counter = Counter()
+        for tid, seconds in self.seen.items():
+            if tid != self.thread.native_id:
+                used[self.role(tid)] += seconds - self.start.get(tid, 0.0)
+        return used
+
+
 def standin_cpu(log_dir: Path) -> float:
     return sum(float(line.split()[0]) for path in log_dir.glob("*.cpu") for line in path.read_text().splitlines())
 
@@ -69,9 +123,10 @@ def one_job(scenes: list[str], layouts, seconds: float, workers: int, args, work
     predictor = StandIn(seconds, args.output == "compact", str(log_dir), layouts)
     with RayPool(predictor, load_settings(None, settings_overrides(options))) as pool:
         before = {pid: seconds for procs in ray_processes().values() for pid, seconds in cpu_seconds(procs).items()}
-        t, cpu, main = time.perf_counter(), time.process_time(), time.thread_time()
-        summaries = list(run_scenes(scenes, predictor, pool, out_dir=out_dir, progress=False, **options))
-        wall, driver, main = time.perf_counter() - t, time.process_time() - cpu, time.thread_time() - main
+        with ThreadClock() as clock:
+            t = time.perf_counter()
+            summaries = list(run_scenes(scenes, predictor, pool, out_dir=out_dir, progress=False, **options))
+            wall = time.perf_counter() - t
         start = min(s.timeline["first_tile"] for s in summaries) - (time.time() - time.perf_counter()) - t
         after = {kind: cpu_seconds(procs) for kind, procs in ray_processes().items()}
     used = {kind: sum(v - before.get(pid, 0.0) for pid, v in after[kind].items()) for kind in after}
@@ -81,6 +136,8 @@ def one_job(scenes: list[str], layouts, seconds: float, workers: int, args, work
     # From the first batch on: the first result minus the model time of one batch.
     steady = wall - max(0.0, start - args.batch_size * seconds)
     standin = standin_cpu(log_dir)
+    threads = clock.by_role()
+    driver = sum(threads.values())
     shutil.rmtree(out_dir), shutil.rmtree(log_dir)
 
     def per_tile(value: float) -> str:
@@ -89,18 +146,29 @@ def one_job(scenes: list[str], layouts, seconds: float, workers: int, args, work
     return (f"{seconds * 1000:.0f} ms/tile, {workers} worker(s): {tiles} tiles, {objects} objects in {wall:.1f} s "
             f"(first result after {start:.2f} s): {tiles / wall:.1f} tiles/s (ideal {tiles / ideal:.1f}), "
             f"efficiency {ideal / wall:.2f}, from the first batch on {ideal / steady:.2f}; "
-            f"CPU ms per tile: driver {per_tile(driver)} (main thread {per_tile(main)}), "
+            f"CPU ms per tile: driver {per_tile(driver)} ("
+            + ", ".join(f"{role} {per_tile(threads[role])}" for role in ("main", "output", "plan", "other python",
+                                                                         "ray (native)")) + "), "
             f"model workers {per_tile(used['actors'] - standin)} (+ stand-in {per_tile(standin)}), "
             f"per-scene tasks {per_tile(used['tasks'])}, Ray daemons {per_tile(used['daemons'])}")
 
 
+def job_scenes(spec: str, workdir: Path) -> tuple[list[str], list[tuple[int, int, int]]]:
+    """`NxSIZE`: N object scenes of SIZE^2 px (their paths, and their layouts for the stand-in)."""
+    count, size = (int(v) for v in spec.lower().split("x"))
+    layouts = [(size, seed, 1 + seed * (size // 75 + 1) ** 2) for seed in range(count)]
+    return [str(object_scene(workdir / f"objects_{size}_{seed}.tif", size, seed, first))
+            for size, seed, first in layouts], layouts
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--scenes", type=int, default=3)
-    parser.add_argument("--size", type=int, default=3072)
+    parser.add_argument("--jobs", nargs="+", default=["3x3072", "1x8192"],
+                        help="one job per NxSIZE: N scenes of SIZE^2 px (small scenes show the per-scene costs, a "
+                             "large one the per-tile costs)")
     parser.add_argument("--seconds", type=float, nargs="+", default=[0.05, 0.1], help="model time per tile")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=8, help="tiles per model call (run's default on a GPU)")
     parser.add_argument("--output", choices=["compact", "dense"], default="compact",
                         help="the stand-in's output: compact (cropped masks) or torchvision's dense format")
     parser.add_argument("--workdir", default="/tmp/aerial-bench-gpu-sim")
@@ -108,21 +176,27 @@ def main() -> None:
     args = parser.parse_args()
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    layouts = [(args.size, seed, 1 + seed * (args.size // 75 + 1) ** 2) for seed in range(args.scenes)]
-    scenes = [str(object_scene(workdir / f"objects_{args.size}_{seed}.tif", size, seed, first))
-              for size, seed, first in layouts]
+    jobs = {spec: job_scenes(spec, workdir) for spec in args.jobs}
     load = os.getloadavg()
-    lines = [f"{args.scenes} scenes of {args.size}^2 px in one job, tile 512, overlap 64, batch {args.batch_size}, "
-             f"1 thread per worker, stand-in output {args.output}; load average before: {load[0]:.2f}"]
-    for seconds in args.seconds:
-        for workers in args.workers:
-            lines.append(one_job(scenes, layouts, seconds, workers, args, workdir))
-            print(lines[-1], flush=True)
+    lines = [(f"tile 512, overlap 64, batch {args.batch_size}, 1 thread per worker, stand-in output "
+              f"{args.output}; load average before: {load[0]:.2f}")]
+    # The process's first job also imports the writers (pyogrio imports pandas: ~1 s of CPU once per process)
+    # and exports Ray's functions: a cost of starting, not of tiles. A first job on one scene takes it.
+    scenes, layouts = next(iter(jobs.values()))
+    one_job(scenes[:1], layouts, 0.01, 1, args, workdir)
+    for spec, (scenes, layouts) in jobs.items():
+        count, size = spec.lower().split("x")
+        lines.append(f"{count} scene(s) of {size}^2 px in one job:")
+        print(lines[-1], flush=True)
+        for seconds in args.seconds:
+            for workers in args.workers:
+                lines.append("  " + one_job(scenes, layouts, seconds, workers, args, workdir))
+                print(lines[-1], flush=True)
     lines.append(f"load average after: {os.getloadavg()[0]:.2f}")
     if args.no_publish:
         print("\n".join(lines))
     else:
-        publish("GPU-speed simulation", "python -m tests.benchmarks.bench_gpu_sim", lines)
+        publish("GPU-speed simulation", "python -m tests.benchmarks.bench_gpu_sim " + " ".join(sys.argv[1:]), lines)
 
 
 if __name__ == "__main__":
