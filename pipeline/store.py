@@ -95,6 +95,7 @@ class TileStore:
         self.directory = directory
         self.key = key
         self.stale = False
+        self.created = False  # the directory and its manifest are there (made by the first save)
         if directory.exists():
             try:
                 saved = json.loads((directory / "manifest.json").read_text()).get("fingerprint")
@@ -120,10 +121,12 @@ class TileStore:
                 yield result
 
     def save(self, result: TileOutput) -> None:
-        if not self.directory.exists():
-            self.directory.mkdir(parents=True)
-            with atomic_path(self.directory / "manifest.json") as tmp:
-                tmp.write_text(json.dumps({"fingerprint": self.key}))
+        if not self.created:  # asked once, not per tile: a file system call costs as much as packing the tile
+            self.directory.mkdir(parents=True, exist_ok=True)
+            if not (self.directory / "manifest.json").exists():
+                with atomic_path(self.directory / "manifest.json") as tmp:
+                    tmp.write_text(json.dumps({"fingerprint": self.key}))
+            self.created = True
         # Written beside its final name and renamed: a tile file is whole or absent.
         path = self.directory / f"tile-{result.index:08d}.bin"
         partial = path.with_suffix(".partial")
