@@ -153,7 +153,8 @@ def main() -> None:
         writer.writerows(points)
     figure = plot_curves(runs, out_dir / "overfit.png", metric="AP50", target=args.target, ap_label="training tiles",
                          title="Overfit proof: Mask R-CNN memorising 7 SpaceNet tiles from random weights (CPU)")
-    lines.append(f"curves: {out_dir / 'overfit.csv'} (one row per evaluation), {figure}")
+    shown = [os.path.relpath(f, DOC.parents[1]) for f in (out_dir / "overfit.csv", figure)]  # from the repository
+    lines.append(f"curves: {shown[0]} (one row per evaluation), {shown[1]}")
     if args.no_publish:
         print("\n".join(lines))
         return
