@@ -196,7 +196,7 @@ def main() -> None:
     if args.no_publish:
         print("\n".join(lines))
     else:
-        publish("GPU-speed simulation", "python -m tests.benchmarks.bench_gpu_sim " + " ".join(sys.argv[1:]), lines)
+        publish("GPU-speed simulation", " ".join(["python -m tests.benchmarks.bench_gpu_sim", *sys.argv[1:]]), lines)
 
 
 if __name__ == "__main__":
