@@ -74,9 +74,8 @@ class GeoPackageWriter(StreamWriter):
         # The run's metadata as it stands at the end (counts, failed windows), set by appending no row.
         empty = [np.zeros(0, dtype=field.type.to_pandas_dtype()) for field in ATTRIBUTES]
         pyogrio.raw.write(self.tmp, geometry=np.zeros(0, dtype=object), field_data=empty, fields=ATTRIBUTES.names,
-                          layer=self.layer, driver="GPKG",
-                          geometry_type="MultiPolygon", crs=self.crs.to_wkt(), append=True,
-                          layer_metadata=self.metadata)
+                          layer=self.layer, driver="GPKG", geometry_type="MultiPolygon", crs=self.crs.to_wkt(),
+                          append=True, layer_metadata=self.metadata)
 
     def style(self) -> None:
         write_default_style(self.tmp, self.layer, self.classes or {1: "object"})

@@ -2,9 +2,10 @@
 
 Some GDAL drivers cannot append to a file they closed (FlatGeobuf), or reload the whole file to append
 (GeoJSON), and reopening a GeoPackage for each batch costs twice the CPU of streaming into it, so a file of
-these formats is written by one `write_arrow` call that lasts as long as the writer: it runs on a thread of its own and pulls batches from a short queue that `write` fills. The
-queue holds at most `QUEUED` batches, so memory stays flat whatever the scene holds; an error of the
-driver stops the run at its next batch. A format is a subclass naming its driver and creation options.
+these formats is written by one `write_arrow` call that lasts as long as the writer: it runs on a thread of
+its own and pulls batches from a short queue that `write` fills. The queue holds at most `QUEUED` batches,
+so memory stays flat whatever the scene holds; an error of the driver stops the run at its next batch. A
+format is a subclass naming its driver and creation options.
 """
 
 from __future__ import annotations
