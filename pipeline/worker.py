@@ -28,6 +28,11 @@ if TYPE_CHECKING:  # the driver never imports torch (~600 MB); the workers do, t
     import torch
 
 SCORE_BINS = 10  # histogram of the scores a tile dropped under the threshold, over [0, 1]
+# GDAL's block cache in a model worker. Its default, 5 % of the machine's memory, fills with the decoded
+# blocks of a scene whose dataset the worker keeps open: +1.2 GB over a 20000^2 RGB scene on a 24 GB machine,
+# memory growing with the scene. 128 MiB holds a row of 576 px windows across a 20000 px wide RGB scene, so
+# the blocks shared by neighbouring windows are still decoded once.
+BLOCK_CACHE_BYTES = 128 * 2**20
 
 
 @dataclass(frozen=True)
@@ -117,6 +122,7 @@ class TileWorker:
         import torch
 
         torch.set_num_threads(max(1, int(threads)))
+        rasterio.env.set_gdal_config("GDAL_CACHEMAX", BLOCK_CACHE_BYTES)  # this process's cache (an actor's own)
         self.predictor = predictor
         self.model_lock = threading.Lock()
         self.meters: dict[tuple[str, tuple[float, float]], AreaMeter] = {}
