@@ -6,9 +6,9 @@ Prints, for each time per tile and worker count: tiles/s, efficiency against the
 / workers: what the model alone would take), over the whole job and from the first batch on (the job's start,
 before the first batch returns, is a one-time cost: Ray's first calls into a fresh actor); the driver's CPU ms
 per tile (the whole process, and by thread: main, output, plan, other Python threads, Ray's native threads;
-after a first job that takes the process's one-time costs, such as imports), the model workers' host CPU ms per tile (the
-pipeline's share, the stand-in's own CPU apart), the other Ray workers' (per-scene tasks: overview read,
-quicklook page) and Ray's daemons'.
+after a first job that takes the process's one-time costs, such as imports), the model workers' host CPU ms
+per tile (the pipeline's share, the stand-in's own CPU apart), the other Ray workers' (per-scene tasks:
+overview read, quicklook page) and Ray's daemons'.
 
     python -m tests.benchmarks.bench_gpu_sim [--jobs 3x3072 1x8192] [--seconds 0.05 0.1] [--workers 1 2]
 """
@@ -60,8 +60,9 @@ def cpu_seconds(procs: list[psutil.Process]) -> dict[int, float]:
 class ThreadClock:
     """CPU seconds of each of this process's threads, by role, sampled every `period` s (a thread's time is
     gone from /proc once it ends, so the last sample before its end stands for it). Roles: the main thread
-    (taking tiles, the seam merge), `output` (saving tiles, writing, the quicklook's outlines), `plan` (opening scenes
-    ahead), other Python threads, and Ray's native threads (its core worker: receiving results, gRPC)."""
+    (taking tiles, the seam merge), `output` (saving tiles, writing, the quicklook's outlines), `plan`
+    (opening scenes ahead), other Python threads, and Ray's native threads (its core worker: receiving
+    results, gRPC)."""
 
     ROLES: ClassVar[dict[str, str]] = {"MainThread": "main", "output": "output", "write ": "output", "plan": "plan"}
 
@@ -111,7 +112,6 @@ def standin_cpu(log_dir: Path) -> float:
 
 
 def one_job(scenes: list[str], layouts, seconds: float, workers: int, args, workdir: Path) -> str:
-
     from pipeline.batch import run_scenes
     from pipeline.pool import RayPool
     from pipeline.settings import load_settings, settings_overrides
@@ -184,9 +184,8 @@ def main() -> None:
     # and exports Ray's functions: a cost of starting, not of tiles. A first job on one scene takes it.
     scenes, layouts = next(iter(jobs.values()))
     one_job(scenes[:1], layouts, 0.01, 1, args, workdir)
-    for spec, (scenes, layouts) in jobs.items():
-        count, size = spec.lower().split("x")
-        lines.append(f"{count} scene(s) of {size}^2 px in one job:")
+    for scenes, layouts in jobs.values():
+        lines.append(f"{len(layouts)} scene(s) of {layouts[0][0]}^2 px in one job:")
         print(lines[-1], flush=True)
         for seconds in args.seconds:
             for workers in args.workers:
