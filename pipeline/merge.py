@@ -33,14 +33,16 @@ The rule (`SeamRule`), in the README's words:
   most one whole object, so it can never glue two together.
 
 Candidate pairs come from a spatial index over the boxes, so the cost grows as n log n, never n^2; each
-comparison slices the two small crops, never a tile- or scene-sized array. Two detections can only interact
+comparison slices the two small crops, never a tile- or scene-sized array (the boxes and compared regions of
+a batch of pairs are worked out in arrays, `agreements`). The streamed merge (`SceneMerge`) looks at each
+detection once, when its window arrives. Two detections can only interact
 when their boxes share a pixel (or touch across an abutting seam): the rule's `reach` is one pixel, which
 sets how far from every other window a window's private region keeps (`WindowGrid.private`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -117,69 +119,65 @@ def candidate_pairs(instances: list[Instance], rule: SeamRule) -> np.ndarray:
     return np.stack([i[keep], j[keep]], axis=1)
 
 
-Box = tuple[int, int, int, int]  # (col0, row0, col1, row1) as plain ints: what runs once per candidate pair
-
-
-def shared_box(x: Box, y: Box) -> Box | None:
-    """The pixels two boxes share, or None."""
-    c0, r0 = (x[0] if x[0] > y[0] else y[0]), (x[1] if x[1] > y[1] else y[1])
-    c1, r1 = (x[2] if x[2] < y[2] else y[2]), (x[3] if x[3] < y[3] else y[3])
-    return (c0, r0, c1, r1) if c0 < c1 and r0 < r1 else None
-
-
-def crop(mask: np.ndarray, row: int, col: int, box: Box) -> np.ndarray:
-    """The part of a mask placed at (row, col) inside `box`, a box within the mask's own."""
-    return mask[box[1] - row:box[3] - row, box[0] - col:box[2] - col]
-
-
-def compared_region(a: Instance, b: Instance) -> tuple[Box, tuple[int, int]] | None:
-    """Where two detections are compared, and the (col, row) shift that carries b's pixels there.
+def compared_regions(a_box: np.ndarray, a_win: np.ndarray, b_box: np.ndarray,
+                     b_win: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Where pairs of detections are compared, for (K, 4) arrays of their boxes and windows (col0, row0, col1,
+    row1): (regions (K, 4), the (col, row) shifts (K, 2) that carry b's pixels there, and which pairs have one).
 
     Same window: both whole masks, no shift. Overlapping windows: their intersection, no shift. Windows
     abutting along a seam: a's one-pixel line at the seam, with b's line on the other side shifted onto
-    it. Windows meeting only at a corner, or apart: None (a corner object links through its edge fragments).
+    it. Windows meeting only at a corner, or apart: none (a corner object links through its edge fragments).
     """
-    if a.window == b.window:
-        return (min(a.box.col0, b.box.col0), min(a.box.row0, b.box.row0), max(a.box.col1, b.box.col1),
-                max(a.box.row1, b.box.row1)), (0, 0)
-    shared = a.window.intersection(b.window)
-    if not shared.empty:
-        return shared.tuple(), (0, 0)
-    lo, hi = [shared.col0, shared.row0], [shared.col1, shared.row1]
-    across = [axis for axis in (0, 1) if hi[axis] == lo[axis]]
-    if len(across) != 1 or hi[1 - across[0]] <= lo[1 - across[0]]:
-        return None
-    axis, seam = across[0], lo[across[0]]
-    a_before = (a.window.col0, a.window.row0)[axis] < seam  # a's window ends at the seam; b's starts there
-    shift = [0, 0]
-    shift[axis] = 1 if a_before else -1
-    lo[axis], hi[axis] = (seam - 1, seam) if a_before else (seam, seam + 1)
-    return (lo[0], lo[1], hi[0], hi[1]), (shift[0], shift[1])
+    lo, hi = np.maximum(a_win[:, :2], b_win[:, :2]), np.minimum(a_win[:, 2:], b_win[:, 2:])
+    same = (a_win == b_win).all(axis=1)
+    flat = hi == lo
+    across = np.stack([flat[:, 0] & (hi[:, 1] > lo[:, 1]), flat[:, 1] & (hi[:, 0] > lo[:, 0])], axis=1)
+    a_before = a_win[:, :2] < lo  # a's window ends at the seam, b's starts there
+    step = np.where(a_before, 1, -1) * across  # b's shift onto a's line, on the axis across the seam
+    lo = np.where(across & a_before, lo - 1, lo)
+    hi = np.where(across & ~a_before, hi + 1, hi)
+    regions = np.concatenate([lo, hi], axis=1)
+    regions[same] = np.concatenate([np.minimum(a_box[same, :2], b_box[same, :2]),
+                                    np.maximum(a_box[same, 2:], b_box[same, 2:])], axis=1)
+    found = same | (hi > lo).all(axis=1)
+    return regions, np.where(same[:, None], 0, step), found
 
 
-def agreement(a: Instance, b: Instance, rule: SeamRule) -> int:
-    """The pixels two detections share in their compared region when they show one object (see the module
-    docstring), else 0."""
-    found = compared_region(a, b)
-    if found is None:
-        return 0
-    region, (dc, dr) = found
-    (ah, aw), (bh, bw) = a.mask.shape, b.mask.shape
-    b_row, b_col = b.row - dr, b.col - dc  # b's pixels carried into the region (across an abutting seam)
-    in_a = shared_box((a.col, a.row, a.col + aw, a.row + ah), region)
-    in_b = shared_box((b_col, b_row, b_col + bw, b_row + bh), region)
-    if in_a is None or in_b is None:
-        return 0
-    area_a = int(np.count_nonzero(crop(a.mask, a.row, a.col, in_a)))
-    area_b = int(np.count_nonzero(crop(b.mask, b_row, b_col, in_b)))
-    both = shared_box(in_a, in_b)
-    if area_a == 0 or area_b == 0 or both is None:
-        return 0
-    inter = int(np.count_nonzero(crop(a.mask, a.row, a.col, both) & crop(b.mask, b_row, b_col, both)))
-    if inter == 0:
-        return 0
-    same = inter / (area_a + area_b - inter) >= rule.iou_threshold or inter / min(area_a, area_b) >= rule.ios_threshold
-    return inter if same else 0
+def intersect(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Row-wise shared part of (K, 4) boxes (empty where they do not overlap)."""
+    return np.concatenate([np.maximum(x[:, :2], y[:, :2]), np.minimum(x[:, 2:], y[:, 2:])], axis=1)
+
+
+def agreements(first: list[Instance], second: list[Instance], rule: SeamRule) -> np.ndarray:
+    """For each pair (first[k], second[k]): the pixels the two share in their compared region when they show
+    one object (see the module docstring), else 0. The boxes and regions of all pairs in arrays; per pair
+    only the pixel counts over small crops."""
+    if not first:
+        return np.zeros(0, dtype=np.int64)
+    a_box = np.array([m.box.tuple() for m in first], dtype=np.int64)
+    b_box = np.array([m.box.tuple() for m in second], dtype=np.int64)
+    a_win = np.array([m.window.tuple() for m in first], dtype=np.int64)
+    b_win = np.array([m.window.tuple() for m in second], dtype=np.int64)
+    regions, shift, found = compared_regions(a_box, a_win, b_box, b_win)
+    b_box = b_box - np.tile(shift, 2)  # b's pixels carried into the region (across an abutting seam)
+    in_a, in_b = intersect(a_box, regions), intersect(b_box, regions)
+    both = intersect(in_a, in_b)
+    found &= (both[:, 2:] > both[:, :2]).all(axis=1)  # and so are in_a, in_b
+    # Crops in each mask's own pixels: (col0, row0, col1, row1) less the mask's origin.
+    a_at, b_at = np.tile(a_box[:, :2], 2), np.tile(b_box[:, :2], 2)
+    counts = [(0, 0, 0)] * len(first)
+    count = np.count_nonzero
+    for k, ia, ib, ba, bb in zip(np.flatnonzero(found).tolist(), (in_a - a_at)[found].tolist(),
+                                 (in_b - b_at)[found].tolist(), (both - a_at)[found].tolist(),
+                                 (both - b_at)[found].tolist()):
+        a, b = first[k].mask, second[k].mask
+        counts[k] = (count(a[ia[1]:ia[3], ia[0]:ia[2]]), count(b[ib[1]:ib[3], ib[0]:ib[2]]),
+                     count(a[ba[1]:ba[3], ba[0]:ba[2]] & b[bb[1]:bb[3], bb[0]:bb[2]]))
+    area_a, area_b, inter = np.array(counts, dtype=np.int64).reshape(-1, 3).T
+    with np.errstate(divide="ignore", invalid="ignore"):
+        same = ((inter / (area_a + area_b - inter) >= rule.iou_threshold)
+                | (inter / np.minimum(area_a, area_b) >= rule.ios_threshold))
+    return np.where(same & (inter > 0), inter, 0)
 
 
 def find(parent: list[int], i: int) -> int:
@@ -286,14 +284,24 @@ def outside(inst: Instance, rect: Rect) -> Instance | None:
     return replace(inst, row=int(origin[0, 0]), col=int(origin[0, 1]), mask=piece) if nonempty[0] else None
 
 
-def resolve(instances: list[Instance], pairs: list[tuple[int, int]], grid: WindowGrid,
+def weighed(groups: list[tuple[list[Instance], list[tuple[int, int]]]],
+            rule: SeamRule) -> list[dict[tuple[int, int], int]]:
+    """The agreement of each candidate pair of each group of detections (its members, its pairs in their
+    numbering), found for all groups in one pass (`agreements`)."""
+    first = [members[i] for members, pairs in groups for i, _ in pairs]
+    second = [members[j] for members, pairs in groups for _, j in pairs]
+    values = iter(agreements(first, second, rule).tolist())
+    return [{pair: next(values) for pair in pairs} for _, pairs in groups]
+
+
+def resolve(instances: list[Instance], weight: dict[tuple[int, int], int], grid: WindowGrid,
             rule: SeamRule) -> list[MergedObject]:
-    """The objects a component of detections shows (`components`: the members and their candidate pairs), by
-    the rule of the module docstring; nothing outside a component could change its result."""
+    """The objects a component of detections shows (`components`: the members; `weighed`: the agreement of
+    its candidate pairs), by the rule of the module docstring; nothing outside a component could change its
+    result."""
     if len(instances) == 1:  # most components: one detection, whole or standing alone or yielding
         (only,) = instances
         return [merged(instances, only)] if is_whole(only, grid, rule) or stands_alone(instances, grid, rule) else []
-    weight = {(i, j): agreement(instances[i], instances[j], rule) for i, j in pairs}
     matched = [(i, j) for (i, j), w in weight.items() if w]
     room = [edge_room(inst, grid) for inst in instances]
     whole = [r > rule.edge_margin for r in room]
@@ -331,8 +339,9 @@ def resolve(instances: list[Instance], pairs: list[tuple[int, int]], grid: Windo
 def merge_scene(instances: list[Instance], grid: WindowGrid, rule: SeamRule) -> list[MergedObject]:
     """Every object of a scene's detections at once, in output order: what the streamed `SceneMerge` and the
     workers' `settle_tile` give together, by construction (and checked by the tests)."""
-    found = [o for component, pairs in components(instances, rule)
-             for o in resolve([instances[i] for i in component], pairs, grid, rule)]
+    groups = [([instances[i] for i in component], pairs) for component, pairs in components(instances, rule)]
+    found = [o for (members, _), weight in zip(groups, weighed(groups, rule))
+             for o in resolve(members, weight, grid, rule)]
     return sorted(found, key=lambda o: o.key)
 
 
@@ -360,13 +369,26 @@ def settle_tile(instances: list[Instance], grid: WindowGrid, tile: int,
     private = grid.private(grid[tile], rule.reach)
     final: list[MergedObject] = []
     pending: list[Instance] = []
+    inside: list[tuple[list[Instance], list[tuple[int, int]]]] = []
     for component, pairs in components(instances, rule):
         members = [instances[i] for i in component]
         if all(private.contains(m.box) for m in members):
-            final += resolve(members, pairs, grid, rule)
+            inside.append((members, pairs))
         else:
             pending += members
+    for (members, _), weight in zip(inside, weighed(inside, rule)):
+        final += resolve(members, weight, grid, rule)
     return final, pending
+
+
+@dataclass
+class Group:
+    """Held detections that may show one object (candidate pairs, transitively): a component of the scene's
+    detections as far as the windows done so far tell."""
+
+    members: list[int]  # detection ids
+    pairs: list[tuple[int, int]]  # candidate pairs, by id
+    missing: int = 0  # (member, window not done yet that could hold a partner of it): none left = ready
 
 
 class SceneMerge:
@@ -377,73 +399,145 @@ class SceneMerge:
     rows of their own outlines); `flush` returns the rows whose place in the output is settled, in output
     order (window index, then position), the same whatever order the tiles arrive in. `polygonize` turns
     the objects united from several views (the rare ones no window saw whole) into rows.
+
+    Each detection is looked at once when its window arrives: paired with the held detections of the
+    windows around it (candidate pairs, as `components` finds them over a whole scene), its group joined
+    with theirs (union-find), and counted as waiting for each window not done yet that could hold a
+    partner. A group no window is missing for is a component of the whole scene's detections: it is
+    resolved as `merge_scene` would resolve it.
     """
 
     def __init__(self, grid: WindowGrid, rule: SeamRule, polygonize: Callable[[list[MergedObject]], Rows]):
         self.grid, self.rule, self.polygonize = grid, rule, polygonize
         self.done = np.zeros((len(grid.rows), len(grid.cols)), dtype=bool)
         self.first_not_done = 0
-        self.pending: list[Instance] = []
-        self.first_pending = len(grid)  # the smallest window index among pending detections
+        self.held: dict[int, Instance] = {}  # pending detections by id, until resolved
+        self.boxes: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # window -> (ids, boxes) of its detections
+        self.unresolved: dict[int, int] = {}  # window -> how many of its detections are held
+        self.parent: dict[int, int] = {}  # union-find over held ids; a root names its group
+        self.groups: dict[int, Group] = {}
+        self.waiting_on: dict[int, list[int]] = {}  # window -> held ids a partner of which it could hold
+        self.ready: set[int] = set()  # roots of groups to resolve at the next flush
+        self.next_id = 0
         self.own: dict[tuple[int, int], tuple[bytes, float]] = {}  # a pending detection's own outline and area
-        self.waiting: dict[int, list[Rows]] = {}  # rows by window index, until the frontier passes it
-        self.added = 0  # pending detections since the last resolution
+        self.settled: dict[int, list[Rows]] = {}  # rows by window index, until the frontier passes it
         self.objects = 0
 
     def take(self, tile: int, final: Rows, pending: list[Instance], pending_rows: Rows) -> None:
         self.done.flat[tile] = True
         while self.first_not_done < len(self.grid) and self.done.flat[self.first_not_done]:
             self.first_not_done += 1
-        self.wait(final)
+        self.hold(final)
         self.objects += len(final)
-        self.pending += pending
-        self.first_pending = min([self.first_pending] + [m.tile for m in pending[:1]])
         self.own.update(zip(map(tuple, pending_rows.keys.tolist()), zip(pending_rows.wkb, pending_rows.areas)))
-        self.added += len(pending)
+        touched = self.add(tile, pending) + self.waiting_on.pop(tile, [])
+        for i in touched[len(pending):]:
+            self.groups[self.root(i)].missing -= 1
+        self.ready.update(r for r in {self.root(i) for i in touched} if self.groups[r].missing == 0)
 
-    def wait(self, rows: Rows) -> None:
-        for tile in np.unique(rows.keys[:, 0]).tolist():
-            self.waiting.setdefault(tile, []).append(rows.take(np.flatnonzero(rows.keys[:, 0] == tile)))
+    def add(self, tile: int, pending: list[Instance]) -> list[int]:
+        """Hold a window's pending detections, pair them with their possible partners and count the windows
+        they wait for; their ids."""
+        if not pending:
+            return []
+        ids = list(range(self.next_id, self.next_id + len(pending)))
+        self.next_id += len(pending)
+        boxes = np.array([m.box.tuple() for m in pending], dtype=np.int64)
+        self.held.update(zip(ids, pending))
+        self.boxes[tile] = (np.array(ids), boxes)
+        self.unresolved[tile] = len(ids)
+        # Partners lie in the windows around this one, with boxes within the rule's reach of it.
+        near = self.grid[tile].grown(self.rule.reach)
+        others: list[int] = []
+        for w in self.grid.seen_by(near):
+            if w != tile and w in self.boxes:
+                w_ids, b = self.boxes[w]
+                close = (b[:, 0] < near.col1) & (b[:, 2] > near.col0) & (b[:, 1] < near.row1) & (b[:, 3] > near.row0)
+                others += [i for i in w_ids[close].tolist() if i in self.held]
+        # Register each new detection as waiting for the windows not done yet that could hold a partner.
+        grown = boxes + np.array([-1, -1, 1, 1]) * self.rule.reach
+        c0, c1, r0, r1 = self.grid.spans(grown)
+        cols = len(self.grid.cols)
+        for i, row0, row1, col0, col1 in zip(ids, r0.tolist(), r1.tolist(), c0.tolist(), c1.tolist()):
+            self.parent[i] = i
+            group = self.groups[i] = Group([i], [])
+            for w in (r * cols + c for r in range(row0, row1) for c in range(col0, col1)):
+                if not self.done.flat[w]:
+                    self.waiting_on.setdefault(w, []).append(i)
+                    group.missing += 1
+        everyone = ids + others
+        pairs = candidate_pairs([self.held[i] for i in everyone], self.rule)
+        for i, j in pairs[pairs[:, 0] < len(ids)].tolist():  # (i < j): pairs among `others` are known
+            self.union(everyone[i], everyone[j])
+        return ids
+
+    def root(self, i: int) -> int:
+        parent = self.parent
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    def union(self, i: int, j: int) -> None:
+        ri, rj = self.root(i), self.root(j)
+        if ri != rj:
+            if len(self.groups[ri].members) < len(self.groups[rj].members):
+                ri, rj = rj, ri
+            self.parent[rj] = ri
+            big, small = self.groups[ri], self.groups.pop(rj)
+            big.members += small.members
+            big.pairs += small.pairs
+            big.missing += small.missing
+        self.groups[ri].pairs.append((i, j))
+
+    def hold(self, rows: Rows) -> None:
+        """Keep rows until the frontier passes their window."""
+        if not len(rows):
+            return
+        tiles = rows.keys[:, 0]
+        if (tiles == tiles[0]).all():  # a window's final rows: the common case
+            self.settled.setdefault(int(tiles[0]), []).append(rows)
+            return
+        for tile in np.unique(tiles).tolist():
+            self.settled.setdefault(tile, []).append(rows.take(np.flatnonzero(rows.keys[:, 0] == tile)))
 
     def flush(self, last: bool = False) -> Rows:
         """Rows now in their final place; with `last`, everything (every window is done or has failed)."""
-        if self.pending and (last or self.added >= max(64, len(self.pending) // 2)):
-            self.resolve_ready(last)
-        frontier = len(self.grid) if last else min(self.first_not_done, self.first_pending)
-        released = sorted(t for t in self.waiting if t < frontier)
-        return Rows.concat([rows for t in released for rows in self.waiting.pop(t)]).sorted()
+        ready = list(self.groups) if last else self.ready
+        self.ready = set()
+        if ready:
+            self.resolve(ready)
+        frontier = len(self.grid) if last else min(self.first_not_done, min(self.unresolved, default=len(self.grid)))
+        released = sorted(t for t in self.settled if t < frontier)
+        return Rows.concat([rows for t in released for rows in self.settled.pop(t)]).sorted()
 
-    def resolve_ready(self, last: bool) -> None:
-        self.added = 0
-        found = components(self.pending, self.rule)
-        ready_view = np.ones(len(self.pending), dtype=bool) if last else self.ready_views()
-        resolved: list[MergedObject] = []
-        keep: list[Instance] = []
-        for component, pairs in found:
-            members = [self.pending[i] for i in component]
-            if ready_view[component].all():
-                resolved += resolve(members, pairs, self.grid, self.rule)
-            else:
-                keep += members
-        self.pending = keep
-        self.first_pending = min((m.tile for m in keep), default=len(self.grid))
+    def resolve(self, roots: Iterable[int]) -> None:
+        """Resolve the groups of `roots` (`resolve`, members in output order) and hold their rows."""
+        groups: list[tuple[list[Instance], list[tuple[int, int]]]] = []
+        keys: list[tuple[int, int]] = []
+        for r in roots:
+            group = self.groups.pop(r)
+            members = sorted(group.members, key=lambda i: self.held[i].key)
+            local = {i: k for k, i in enumerate(members)}
+            instances = [self.held.pop(i) for i in members]
+            keys += [inst.key for inst in instances]
+            for i, inst in zip(members, instances):
+                del self.parent[i]
+                self.unresolved[inst.tile] -= 1
+                if not self.unresolved[inst.tile]:
+                    del self.unresolved[inst.tile], self.boxes[inst.tile]
+            groups.append((instances, [(min(local[i], local[j]), max(local[i], local[j])) for i, j in group.pairs]))
+        found = [o for (members, _), weight in zip(groups, weighed(groups, self.rule))
+                 for o in resolve(members, weight, self.grid, self.rule)]
         # A view's own outline is missing when the worker left it out (under the minimum area, or nothing left
         # after a repair): its object is left out the same way.
-        single = [o for o in resolved if o.view is not None and o.view.key in self.own]
-        self.wait(Rows(np.array([o.key for o in single], dtype=np.int64).reshape(-1, 2),
+        single = [o for o in found if o.view is not None and o.view.key in self.own]
+        self.hold(Rows(np.array([o.key for o in single], dtype=np.int64).reshape(-1, 2),
                        [self.own[o.view.key][0] for o in single],
                        np.array([o.label for o in single], dtype=np.int64),
                        np.array([o.score for o in single], dtype=np.float64),
                        np.array([self.own[o.view.key][1] for o in single], dtype=np.float64)))
-        self.wait(self.polygonize([o for o in resolved if o.view is None]))
-        self.objects += len(resolved)
-        self.own = {m.key: self.own[m.key] for m in keep}
-
-    def ready_views(self) -> np.ndarray:
-        """Per pending detection: is every window that could hold a partner (sharing a pixel with its box
-        grown by the rule's reach) done?"""
-        boxes = np.array([m.box.grown(self.rule.reach).tuple() for m in self.pending], dtype=np.int64)
-        c0, c1, r0, r1 = self.grid.spans(boxes)
-        missing = np.pad(np.cumsum(np.cumsum(~self.done, axis=0), axis=1), ((1, 0), (1, 0)))
-        count = missing[r1, c1] - missing[r0, c1] - missing[r1, c0] + missing[r0, c0]
-        return count == 0
+        self.hold(self.polygonize([o for o in found if o.view is None]))
+        self.objects += len(found)
+        for key in keys:
+            self.own.pop(key, None)

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from pipeline.instances import Instance, from_dense
-from pipeline.merge import MergedObject, SeamRule, candidate_pairs, merge_scene, settle_tile
+from pipeline.features import Rows
+from pipeline.merge import MergedObject, SceneMerge, SeamRule, candidate_pairs, merge_scene, settle_tile
 from pipeline.rect import Rect
 from pipeline.windows import WindowGrid, axis_offsets, plan_windows, valid_region
 
@@ -235,6 +236,39 @@ def assert_settling_early_changes_nothing(raw: list[Instance], grid: WindowGrid)
     assert final and pending  # both paths are exercised
     early = sorted(map(signature, final + merge(pending, grid)))
     assert early == sorted(map(signature, merge(raw, grid)))
+
+
+def signature_rows(objects: list[MergedObject]) -> Rows:
+    """Rows whose 'geometry' is the object's outline as bytes (its mask, origin and shape): what the streamed
+    merge hands on can be compared with the scene-wide merge's objects."""
+    sig = [signature(o) for o in objects]
+    return Rows(np.array([s[0] for s in sig], dtype=np.int64).reshape(-1, 2),
+                [repr(s[1:5]).encode() for s in sig], np.array([s[6] for s in sig], dtype=np.int64),
+                np.array([s[5] for s in sig], dtype=np.float64), np.zeros(len(sig)))
+
+
+@pytest.mark.parametrize("tile,overlap,seed", [(64, 16, 0), (64, 0, 4), (40, 12, 3)])
+def test_the_streamed_merge_gives_the_scene_merge_in_any_arrival_order(tile, overlap, seed):
+    """`SceneMerge` fed settled windows in a random order (as workers finish them), flushed after each:
+    the rows of `merge_scene`'s objects, each exactly once, every flush in output order."""
+    raw, grid = perfect_model(synthetic_scene((180, 210), tile, overlap, seed), tile, overlap, seed)
+    expected = signature_rows(merge(raw, grid))
+    rng = np.random.default_rng(seed)
+    for order in (range(len(grid)), rng.permutation(len(grid)), rng.permutation(len(grid))):
+        stream = SceneMerge(grid, RULE, signature_rows)
+        flushed = []
+        for tile_index in order:
+            final, pending = settle_tile([r for r in raw if r.tile == tile_index], grid, tile_index, RULE)
+            stream.take(int(tile_index), signature_rows(final), pending,
+                        signature_rows([MergedObject(m.key, m, [m], m.score, m.label) for m in pending]))
+            flushed.append(stream.flush())
+        flushed.append(stream.flush(last=True))
+        keys = np.concatenate([rows.keys for rows in flushed])
+        assert [tuple(k) for k in keys.tolist()] == sorted(tuple(k) for k in keys.tolist())  # in order overall
+        rows = Rows.concat(flushed)
+        assert rows.keys.tolist() == expected.keys.tolist() and rows.wkb == expected.wkb
+        assert rows.class_ids.tolist() == expected.class_ids.tolist() and rows.scores.tolist() == expected.scores.tolist()
+        assert stream.objects == len(expected) and not stream.held and not stream.groups
 
 
 @pytest.mark.parametrize("size,tile,overlap", [((300, 200), 64, 16), ((130, 128), 64, 0), ((40, 90), 64, 8),
