@@ -51,8 +51,10 @@ class Caption:
 
 
 class Quicklook:
-    """`Quicklook(scene, info, bands, scaling, class_names=...)`, `.draw(geoms, class_ids)` per batch of polygons
-    (in the scene's CRS), `.save(path)`. `overview`: the scene's decimated read when the caller has it."""
+    """`Quicklook(scene, info, bands, scaling, class_names=...)`, `.draw(wkb, class_ids)` per batch of polygons
+    (WKB, in the scene's CRS), `.save(path)`. `overview`: the scene's decimated read when the caller has it."""
+
+    IN_FLIGHT = 2  # batches outlined at once in Ray tasks; the output thread paints a batch when more are out
 
     def __init__(self, scene: str, info: SceneInfo, bands: list[int], scaling: Scaling,
                  class_names: Sequence[str] | None = None, overview: Overview | None = None, max_side: int = 1024):
@@ -63,22 +65,40 @@ class Quicklook:
         self.counts: Counter[int] = Counter()
         self.name, self.info = Path(scene).name, info
         self.class_names = list(class_names) if class_names else None
+        self.drawing: list[Any] = []  # Ray references to outlines being found, oldest first
 
-    def draw(self, geoms: Sequence[Any], class_ids: Sequence[int]) -> None:
-        geoms, class_ids = np.asarray(geoms, dtype=object), np.asarray(class_ids, dtype=np.int64)
-        present = ~shapely.is_empty(geoms) if len(geoms) else np.zeros(0, dtype=bool)
-        geoms, class_ids = geoms[present], class_ids[present]
-        self.counts.update(class_ids.tolist())
-        for start in range(0, len(geoms), DRAW_CHUNK):
-            part = slice(start, start + DRAW_CHUNK)
-            rows, cols, owner = outline_pixels(geoms[part], self.transform, self.classes.shape)
-            self.classes[rows, cols] = class_ids[part][owner]
+    def draw(self, wkb: Sequence[bytes], class_ids: Sequence[int]) -> None:
+        """Outline a batch of polygons. Parsing and sampling them (`outlines`) costs about as much as writing
+        them: with Ray running it runs in a Ray task, off the process that feeds the model workers, and
+        the pixels come back; batches are painted in the order they came (a later outline wins a pixel)."""
+        import ray
+
+        parts = (list(wkb), np.asarray(class_ids, dtype=np.int64), self.transform, self.classes.shape)
+        if not ray.is_initialized():
+            self.paint(outlines(*parts))
+            return
+        self.drawing.append(light_task(outlines).remote(*parts))
+        while len(self.drawing) > self.IN_FLIGHT:
+            self.paint(ray.get(self.drawing.pop(0)))
+
+    def paint(self, found: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]) -> None:
+        rows, cols, ids, drawn = found
+        self.classes[rows, cols] = ids
+        self.counts.update(drawn.tolist())
+
+    def finish_drawing(self) -> None:
+        import ray
+
+        while self.drawing:
+            self.paint(ray.get(self.drawing.pop(0)))
 
     def canvas(self) -> np.ndarray:
         """The overview with the outlines, 3 x h x w uint8."""
+        self.finish_drawing()
         return canvas(self.overview, self.scaling, self.classes)
 
     def caption(self) -> Caption:
+        self.finish_drawing()
         height, width = self.classes.shape
         per_px = ground_metres_per_pixel(self.transform, self.info.crs, width, height)
         resolution = ground_metres_per_pixel(self.info.transform, self.info.crs, self.info.width, self.info.height)
@@ -100,7 +120,8 @@ class Quicklook:
         the PNG's bytes; this process writes the file."""
         import ray
 
-        parts = (self.overview, self.scaling, self.classes, self.caption())
+        caption = self.caption()  # every batch painted
+        parts = (self.overview, self.scaling, self.classes, caption)
         png = ray.get(light_task(page).remote(*parts)) if ray.is_initialized() else page(*parts)
         with atomic_path(path) as tmp:
             tmp.write_bytes(png)
@@ -120,6 +141,22 @@ def page(overview: Overview, scaling: Scaling, classes: np.ndarray, caption: Cap
     buffer = io.BytesIO()
     render(canvas(overview, scaling, classes), caption).savefig(buffer, format="png", dpi=DPI)
     return buffer.getvalue()
+
+
+def outlines(wkb: list[bytes], class_ids: np.ndarray, transform: Affine,
+             shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The outline pixels of a batch of polygons (WKB) on a canvas of `shape`: (rows, cols, class id of each),
+    and the class ids of the polygons drawn (the empty ones are not), for the legend's counts."""
+    geoms = shapely.from_wkb(wkb) if wkb else np.zeros(0, dtype=object)
+    present = ~shapely.is_empty(geoms)
+    geoms, class_ids = geoms[present], class_ids[present]
+    found = [(np.zeros(0, np.int64),) * 3]
+    for start in range(0, len(geoms), DRAW_CHUNK):
+        part = slice(start, start + DRAW_CHUNK)
+        rows, cols, owner = outline_pixels(geoms[part], transform, shape)
+        found.append((rows, cols, class_ids[part][owner]))
+    rows, cols, ids = (np.concatenate(column) for column in zip(*found))
+    return rows, cols, ids, class_ids
 
 
 def outline_pixels(geoms: np.ndarray, transform: Affine,

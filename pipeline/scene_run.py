@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import shapely
 
 from core.cluster import light_task
 from core.errors import UserError
@@ -166,6 +165,7 @@ class SceneRun:
             self.stack.close()
             return None
         self.store = TileStore(task.store, key)
+        self.stack.callback(self.store.close)  # the log is appended to until the scene ends, either way
         self.summary.stale_state_cleared = self.store.stale
         self.summary.tiles = len(self.spec.grid)
         meter = self.spec.meter
@@ -245,7 +245,7 @@ class SceneRun:
             self.writer.write(batch, [label_name(self.names, c) for c in batch.class_ids.tolist()])
             self.written += len(batch)
             if self.quicklook is not None:
-                self.quicklook.draw(shapely.from_wkb(batch.wkb), batch.class_ids.tolist())
+                self.quicklook.draw(batch.wkb, batch.class_ids)
 
     def open_output(self) -> None:
         task = self.task

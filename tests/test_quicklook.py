@@ -42,8 +42,8 @@ def test_the_page_has_the_canvas_pixel_for_pixel_a_legend_and_a_scale_bar(tmp_pa
     scaling = compute_scaling(str(scene), info, load_settings(None, {"scaling": "divide255"}), [1, 2, 3])
     look = Quicklook(str(scene), info, [1, 2, 3], scaling, class_names=["building", "tree", "car"])
     geoms, labels = scene_polygons(ids, classes, UTM[1])
-    look.draw(geoms[:3], labels[:3])  # two batches, as the writer sends them
-    look.draw(geoms[3:], labels[3:])
+    look.draw(shapely.to_wkb(geoms[:3]), labels[:3])  # two batches, as the writer sends them
+    look.draw(shapely.to_wkb(geoms[3:]), labels[3:])
 
     caption = look.caption()
     per_class = {c: labels.count(c) for c in (1, 2)}
@@ -109,7 +109,7 @@ def test_a_large_scene_costs_a_canvas_of_at_most_1024_px(tmp_path):
         dst.write(np.full((3, 2500, 4000), 90, dtype=np.uint8))
     info = open_scene(str(scene))
     look = Quicklook(str(scene), info, [1, 2, 3], compute_scaling(str(scene), info, load_settings(), [1, 2, 3]))
-    look.draw([shapely.box(500000 + 100, 4000000 - 300, 500000 + 400, 4000000 - 100)], [1])
+    look.draw([shapely.box(500000 + 100, 4000000 - 300, 500000 + 400, 4000000 - 100).wkb], [1])
     look.save(tmp_path / "large.png")
     with rasterio.open(tmp_path / "large.png") as png:
         assert (png.height, png.width) == (HEADER_PX + 640 + MARGIN_PX, MARGIN_PX + 1024 + PANEL_PX)
