@@ -1,10 +1,14 @@
 """Per-tile results saved beside the output while a run is under way, so an interrupted run resumes.
 
-Each finished window is one small file of raw arrays behind a JSON header (no pickle, no zip: a tile costs
-one write), written atomically. A manifest holds a fingerprint
-of everything that decides a tile's result (scene, model, reading and threshold options); a store whose
-fingerprint differs is stale and is cleared rather than reused. Every tile carries the fingerprint too and
-is reused only under it: a tile written under other settings is never taken for one of this run's.
+The finished windows are appended to one log (`tiles.log`): each record is its length and the tile's raw
+arrays behind a JSON header (no pickle, no zip), written with one system call. At GPU rates a file per tile
+cost more in creating, renaming and closing it than its bytes. A record cut short by a crash is told by its
+length and dropped (the log is cut back to the last whole record before anything is appended); one that
+does not read (damaged) is skipped, so its tile simply runs again. A manifest holds a fingerprint of
+everything that decides a tile's result (scene, model, reading and threshold options) and the store's
+format; a store with another is stale and is cleared rather than reused. Every record carries the
+fingerprint too and is reused only under it: a tile written under other settings is never taken for one
+of this run's.
 """
 
 from __future__ import annotations
@@ -23,7 +27,9 @@ from pipeline.features import Rows
 from pipeline.instances import InstanceBlock
 from pipeline.worker import TileOutput
 
-FORMAT = 2  # version 1 (until 2026-12) saved raw detections; its tiles are discarded and computed again
+FORMAT = 3  # 3: one log per store; 2 (until 2026-12): a file per tile; 1: raw detections. Older stores are cleared
+LOG = "tiles.log"
+LENGTH = 8  # bytes of a record's length, little-endian, before the record
 
 
 def state_dir(output: str | Path, layer: str | None = None) -> Path:
@@ -95,43 +101,81 @@ class TileStore:
         self.directory = directory
         self.key = key
         self.stale = False
-        self.created = False  # the directory and its manifest are there (made by the first save)
+        self.whole: int | None = None  # bytes of the log up to its last whole record, once read
+        self.fd: int | None = None  # the log, open for appending from the first save
         if directory.exists():
             try:
-                saved = json.loads((directory / "manifest.json").read_text()).get("fingerprint")
+                manifest = json.loads((directory / "manifest.json").read_text())
             except (OSError, ValueError):
-                saved = None
-            if saved != key:
+                manifest = None
+            if not isinstance(manifest, dict) or [manifest.get("fingerprint"), manifest.get("format")] != [key, FORMAT]:
                 self.stale = True
                 shutil.rmtree(directory)
 
     def saved(self, scene: int) -> Iterator[TileOutput]:
-        if not self.directory.exists():
-            return
-        for path in sorted(self.directory.glob("tile-*.bin")):
+        """The saved tiles made under this store's fingerprint, each window once, read record by record."""
+        seen: set[int] = set()
+        end = 0
+        for blob, end in records(self.directory / LOG):
             try:
-                data = unpack(path.read_bytes())
+                data = unpack(blob)
                 fits = int(data["format"]) == FORMAT and data["fingerprint"].tobytes().decode() == self.key
                 result = decode(data, scene) if fits else None
-            except (OSError, ValueError, KeyError, TypeError):
-                result = None  # damaged by a crash mid-write, or saved by an older version
-            if result is None:  # or made under other settings: that tile simply runs again
-                path.unlink(missing_ok=True)
-            else:
+            except (ValueError, KeyError, TypeError):
+                result = None  # damaged, or made under other settings: that tile simply runs again
+            if result is not None and result.index not in seen:
+                seen.add(result.index)
                 yield result
+        self.whole = end  # known only once every record is read
 
     def save(self, result: TileOutput) -> None:
-        if not self.created:  # asked once, not per tile: a file system call costs as much as packing the tile
-            self.directory.mkdir(parents=True, exist_ok=True)
-            if not (self.directory / "manifest.json").exists():
-                with atomic_path(self.directory / "manifest.json") as tmp:
-                    tmp.write_text(json.dumps({"fingerprint": self.key}))
-            self.created = True
-        # Written beside its final name and renamed: a tile file is whole or absent.
-        path = self.directory / f"tile-{result.index:08d}.bin"
-        partial = path.with_suffix(".partial")
-        partial.write_bytes(pack(encode(result, self.key)))
-        os.replace(partial, path)
+        if self.fd is None:
+            self.open()
+        record = pack(encode(result, self.key))
+        data = memoryview(len(record).to_bytes(LENGTH, "little") + record)
+        while data:  # one call for a regular file, unless the disk fills up (which raises)
+            data = data[os.write(self.fd, data):]
+
+    def open(self) -> None:
+        """Make the directory and manifest (once: a file system call costs as much as packing a tile) and open
+        the log for appending, cut back to its last whole record."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        if not (self.directory / "manifest.json").exists():
+            with atomic_path(self.directory / "manifest.json") as tmp:
+                tmp.write_text(json.dumps({"fingerprint": self.key, "format": FORMAT}))
+        whole = self.whole
+        if whole is None:
+            whole = max((end for _, end in records(self.directory / LOG)), default=0)
+        self.fd = os.open(self.directory / LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        if os.fstat(self.fd).st_size > whole:
+            os.ftruncate(self.fd, whole)  # a record cut short by a crash: what follows must be readable
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
     def remove(self) -> None:
+        self.close()
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def records(path: Path) -> Iterator[tuple[bytes, int]]:
+    """The whole records of a log, each with the offset where it ends; none when there is no log. A record
+    cut short (a crash mid-write) ends the log."""
+    try:
+        log = open(path, "rb")
+    except FileNotFoundError:
+        return
+    with log:
+        length = os.fstat(log.fileno()).st_size
+        while len(head := log.read(LENGTH)) == LENGTH:
+            size = int.from_bytes(head, "little")
+            if size > length - log.tell():  # never trust a length read from a damaged file
+                return
+            yield log.read(size), log.tell()
+
+
+def saved_tiles(directory: Path) -> int:
+    """How many whole records a store's log holds (the tests watch a run save tiles)."""
+    return sum(1 for _ in records(Path(directory) / LOG))

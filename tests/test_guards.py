@@ -3,6 +3,8 @@ literal file names are never globbed, one run per output, saved tiles reused onl
 
 from __future__ import annotations
 
+import json
+
 import os
 from pathlib import Path
 
@@ -117,16 +119,20 @@ def test_one_run_per_output_and_a_killed_runs_lock_is_taken_over(tmp_path, ray_s
 
 
 def test_a_saved_tile_of_other_settings_is_never_reused(tmp_path):
-    from pipeline.store import TileStore
+    from pipeline.store import FORMAT, TileStore
     from pipeline.worker import TileOutput
 
     directory = tmp_path / "state"
-    TileStore(directory, "threshold 0.3").save(TileOutput(0, 3, "nodata"))
+    first = TileStore(directory, "threshold 0.3")
+    first.save(TileOutput(0, 3, "nodata"))
+    first.close()
     # A second run with other settings took over the folder's manifest while the first still wrote tiles.
-    (directory / "manifest.json").write_text('{"fingerprint": "threshold 0.5"}')
+    (directory / "manifest.json").write_text(json.dumps({"fingerprint": "threshold 0.5", "format": FORMAT}))
     store = TileStore(directory, "threshold 0.5")
-    assert not store.stale and list(store.saved(0)) == []
-    assert list(directory.glob("tile-*.bin")) == []  # discarded, so it is computed again
+    assert not store.stale and list(store.saved(0)) == []  # so it is computed again
+    store.save(TileOutput(0, 5, "nodata"))
+    store.close()
+    assert [t.index for t in TileStore(directory, "threshold 0.5").saved(0)] == [5]
 
 
 def test_outputs_that_cannot_be_written_answer_in_one_line_before_any_work(tmp_path, capsys):

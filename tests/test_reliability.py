@@ -19,7 +19,7 @@ from affine import Affine
 
 from pipeline.cli import main
 from pipeline.run import run_scene
-from pipeline.store import state_dir
+from pipeline.store import saved_tiles, state_dir
 from tests.oracle import OraclePredictor, paint_objects, write_scene
 
 TILE, OVERLAP = 128, 32
@@ -110,7 +110,7 @@ def test_sigterm_then_rerun_resumes_to_the_same_output(tmp_path, scene, ray_sess
     proc = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
     store = state_dir(out)
     deadline = time.time() + 120
-    while time.time() < deadline and len(list(store.glob("tile-*.bin"))) < 2 and proc.poll() is None:
+    while time.time() < deadline and saved_tiles(store) < 2 and proc.poll() is None:
         time.sleep(0.1)
     t_signal = time.time()
     proc.send_signal(signal.SIGTERM)
@@ -118,7 +118,7 @@ def test_sigterm_then_rerun_resumes_to_the_same_output(tmp_path, scene, ray_sess
     assert time.time() - t_signal < 15
     assert proc.returncode == 130, err
     assert "tiles saved" in err and not out.exists()
-    saved = len(list(store.glob("tile-*.bin")))
+    saved = saved_tiles(store)
     assert saved >= 2
 
     summary = run_scene(str(scene), out, predictor=SlowOracle(0.4, str(pids)), tile=TILE, overlap=OVERLAP,
@@ -151,6 +151,30 @@ def test_saved_tiles_of_another_model_or_scene_are_stale(tmp_path, scene):
     assert list(saved.dropped) == list(range(10))
     fresh = TileStore(directory, "key-2")
     assert fresh.stale and list(fresh.saved(0)) == []
+
+
+def test_a_saved_tile_cut_short_by_a_crash_is_dropped_and_the_log_stays_readable(tmp_path):
+    from pipeline.store import LOG, TileStore
+    from pipeline.worker import TileOutput
+
+    directory = tmp_path / "state"
+    store = TileStore(directory, "key")
+    for index in (4, 2):
+        store.save(TileOutput(0, index, "nodata"))
+    store.close()
+    whole = (directory / LOG).stat().st_size
+    with open(directory / LOG, "ab") as log:  # a record whose writing was killed half-way
+        log.write((5000).to_bytes(8, "little") + b"\x00" * 100)
+    again = TileStore(directory, "key")
+    assert [t.index for t in again.saved(0)] == [4, 2] and saved_tiles(directory) == 2
+    again.save(TileOutput(0, 7, "nodata"))  # appended after the last whole record, the torn one cut off
+    again.close()
+    assert (directory / LOG).stat().st_size > whole
+    assert [t.index for t in TileStore(directory, "key").saved(0)] == [4, 2, 7]
+    with open(directory / LOG, "r+b") as log:  # a length no file could hold: read as cut short, not trusted
+        log.seek(whole)
+        log.write((2**62).to_bytes(8, "little"))
+    assert [t.index for t in TileStore(directory, "key").saved(0)] == [4, 2]
 
 
 def write_raster(path: Path, **profile) -> None:
@@ -365,7 +389,7 @@ def test_a_disk_full_while_saving_tiles_stops_the_run_without_an_output(tmp_path
                   progress=False)
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == [".out.gpkg.tiles", "scene.tif"]  # no temporary file
-    assert len(list(state_dir(out).glob("tile-*.bin"))) == 2  # what was saved stays, for a resume
+    assert saved_tiles(state_dir(out)) == 2  # what was saved stays, for a resume
 
 
 class UnloadableModel(OraclePredictor):

@@ -35,7 +35,7 @@ from pipeline.cli import main
 from pipeline.pool import RayPool
 from pipeline.run import run_scene
 from pipeline.settings import load_settings, settings_overrides
-from pipeline.store import state_dir
+from pipeline.store import saved_tiles, state_dir
 from pipeline.writers import WRITERS, writer_for
 from pipeline.writers.shapefile import ShapefileWriter
 from tests.oracle import OraclePredictor, paint_objects, write_scene
@@ -348,12 +348,12 @@ def test_an_interrupted_run_leaves_no_output_and_the_rerun_completes(tmp_path, g
     monkeypatch.setattr(scene_run, "WRITE_BATCH", 1)  # each window's rows written as they come
     out = tmp_path / f"cut.{name}"
     store = state_dir(out)
-    with ctrl_c_when(lambda: writing(out) and len(list(store.glob("tile-*"))) >= 2):
+    with ctrl_c_when(lambda: writing(out) and saved_tiles(store) >= 2):
         with pytest.raises(Interrupted, match=r"\d of 9 tiles saved"):
             run_scene(str(scene), out, predictor=slow, pool=workers, batch_size=1, **OPTIONS)
     assert not [p for p in writer_for(out).files(out) if p.exists()]  # no output, no style, no .dbf ...
     assert hidden(tmp_path) == [store.name]  # nothing half-written, no lock: only the saved tiles
-    saved = len(list(store.glob("tile-*")))
+    saved = saved_tiles(store)
 
     summary = run_scene(str(scene), out, predictor=slow, pool=workers, batch_size=1, **OPTIONS)
     assert summary.complete and summary.tiles_resumed == saved
