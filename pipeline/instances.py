@@ -161,10 +161,13 @@ class InstanceBlock:
         return len(self.scores)
 
     def instances(self, window: Rect, tile: int) -> list[Instance]:
+        """The instances, in Python numbers (the merge runs on them: numpy scalars are slower to compute
+        with), their masks views of one unpacked array."""
         sizes = self.shapes[:, 0] * self.shapes[:, 1]
-        bits = np.unpackbits(self.bits, count=int(sizes.sum())).astype(bool)
-        starts = np.concatenate([[0], np.cumsum(sizes)])
-        return [Instance(row=int(r), col=int(c), mask=bits[starts[i]:starts[i + 1]].reshape(self.shapes[i]),
-                         score=float(self.scores[i]), label=int(self.labels[i]), window=window, tile=tile,
-                         position=int(self.positions[i]))
-                for i, (r, c) in enumerate(self.origins)]
+        bits = np.unpackbits(self.bits, count=int(sizes.sum())).view(bool)
+        ends = np.cumsum(sizes).tolist()
+        return [Instance(row=r, col=c, mask=bits[end - h * w:end].reshape(h, w), score=score, label=label,
+                         window=window, tile=tile, position=position)
+                for (r, c), (h, w), end, score, label, position in
+                zip(self.origins.tolist(), self.shapes.tolist(), ends, self.scores.tolist(), self.labels.tolist(),
+                    self.positions.tolist())]
