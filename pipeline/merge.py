@@ -33,8 +33,7 @@ The rule (`SeamRule`), in the README's words:
   most one whole object, so it can never glue two together.
 
 Candidate pairs come from a spatial index over the boxes, so the cost grows as n log n, never n^2; each
-comparison slices the two small crops, never a tile- or scene-sized array (the boxes and compared regions of
-a batch of pairs are worked out in arrays, `agreements`). The streamed merge (`SceneMerge`) looks at each
+comparison slices the two small crops, never a tile- or scene-sized array. The streamed merge (`SceneMerge`) looks at each
 detection once, when its window arrives. Two detections can only interact
 when their boxes share a pixel (or touch across an abutting seam): the rule's `reach` is one pixel, which
 sets how far from every other window a window's private region keeps (`WindowGrid.private`).
@@ -119,68 +118,74 @@ def candidate_pairs(instances: list[Instance], rule: SeamRule) -> np.ndarray:
     return np.stack([i[keep], j[keep]], axis=1)
 
 
-def compared_regions(a_box: np.ndarray, a_win: np.ndarray, b_box: np.ndarray,
-                     b_win: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Where pairs of detections are compared, for (K, 4) arrays of their boxes and windows (col0, row0, col1,
-    row1): (regions (K, 4), the (col, row) shifts (K, 2) that carry b's pixels there, and which pairs have one).
+Box = tuple[int, int, int, int]  # (col0, row0, col1, row1) as plain ints: what runs once per candidate pair
+
+
+def shared_box(x: Box, y: Box) -> Box | None:
+    """The pixels two boxes share, or None."""
+    c0, r0 = (x[0] if x[0] > y[0] else y[0]), (x[1] if x[1] > y[1] else y[1])
+    c1, r1 = (x[2] if x[2] < y[2] else y[2]), (x[3] if x[3] < y[3] else y[3])
+    return (c0, r0, c1, r1) if c0 < c1 and r0 < r1 else None
+
+
+def crop(mask: np.ndarray, row: int, col: int, box: Box) -> np.ndarray:
+    """The part of a mask placed at (row, col) inside `box`, a box within the mask's own."""
+    return mask[box[1] - row:box[3] - row, box[0] - col:box[2] - col]
+
+
+def compared_region(a: Instance, b: Instance) -> tuple[Box, tuple[int, int]] | None:
+    """Where two detections are compared, and the (col, row) shift that carries b's pixels there.
 
     Same window: both whole masks, no shift. Overlapping windows: their intersection, no shift. Windows
     abutting along a seam: a's one-pixel line at the seam, with b's line on the other side shifted onto
-    it. Windows meeting only at a corner, or apart: none (a corner object links through its edge fragments).
+    it. Windows meeting only at a corner, or apart: None (a corner object links through its edge fragments).
     """
-    lo, hi = np.maximum(a_win[:, :2], b_win[:, :2]), np.minimum(a_win[:, 2:], b_win[:, 2:])
-    same = (a_win == b_win).all(axis=1)
-    flat = hi == lo
-    across = np.stack([flat[:, 0] & (hi[:, 1] > lo[:, 1]), flat[:, 1] & (hi[:, 0] > lo[:, 0])], axis=1)
-    a_before = a_win[:, :2] < lo  # a's window ends at the seam, b's starts there
-    step = np.where(a_before, 1, -1) * across  # b's shift onto a's line, on the axis across the seam
-    lo = np.where(across & a_before, lo - 1, lo)
-    hi = np.where(across & ~a_before, hi + 1, hi)
-    regions = np.concatenate([lo, hi], axis=1)
-    regions[same] = np.concatenate([np.minimum(a_box[same, :2], b_box[same, :2]),
-                                    np.maximum(a_box[same, 2:], b_box[same, 2:])], axis=1)
-    found = same | (hi > lo).all(axis=1)
-    return regions, np.where(same[:, None], 0, step), found
+    x, y = a.window.tuple(), b.window.tuple()
+    if x == y:
+        (ah, aw), (bh, bw) = a.mask.shape, b.mask.shape
+        return (min(a.col, b.col), min(a.row, b.row), max(a.col + aw, b.col + bw),
+                max(a.row + ah, b.row + bh)), (0, 0)
+    lo = [max(x[0], y[0]), max(x[1], y[1])]
+    hi = [min(x[2], y[2]), min(x[3], y[3])]
+    if lo[0] < hi[0] and lo[1] < hi[1]:
+        return (lo[0], lo[1], hi[0], hi[1]), (0, 0)
+    across = [axis for axis in (0, 1) if hi[axis] == lo[axis]]
+    if len(across) != 1 or hi[1 - across[0]] <= lo[1 - across[0]]:
+        return None
+    axis, seam = across[0], lo[across[0]]
+    a_before = x[axis] < seam  # a's window ends at the seam; b's starts there
+    shift = [0, 0]
+    shift[axis] = 1 if a_before else -1
+    lo[axis], hi[axis] = (seam - 1, seam) if a_before else (seam, seam + 1)
+    return (lo[0], lo[1], hi[0], hi[1]), (shift[0], shift[1])
 
 
-def intersect(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Row-wise shared part of (K, 4) boxes (empty where they do not overlap)."""
-    return np.concatenate([np.maximum(x[:, :2], y[:, :2]), np.minimum(x[:, 2:], y[:, 2:])], axis=1)
+def agreement(a: Instance, b: Instance, rule: SeamRule) -> int:
+    """The pixels two detections share in their compared region when they show one object (see the module
+    docstring), else 0. Plain ints throughout: it runs once per candidate pair."""
+    found = compared_region(a, b)
+    if found is None:
+        return 0
+    region, (dc, dr) = found
+    (ah, aw), (bh, bw) = a.mask.shape, b.mask.shape
+    b_row, b_col = b.row - dr, b.col - dc  # b's pixels carried into the region (across an abutting seam)
+    in_a = shared_box((a.col, a.row, a.col + aw, a.row + ah), region)
+    in_b = shared_box((b_col, b_row, b_col + bw, b_row + bh), region)
+    if in_a is None or in_b is None:
+        return 0
+    both = shared_box(in_a, in_b)
+    if both is None:
+        return 0
+    inter = int(np.count_nonzero(crop(a.mask, a.row, a.col, both) & crop(b.mask, b_row, b_col, both)))
+    if inter == 0:
+        return 0
+    area_a = int(np.count_nonzero(crop(a.mask, a.row, a.col, in_a)))
+    area_b = int(np.count_nonzero(crop(b.mask, b_row, b_col, in_b)))
+    same = inter / (area_a + area_b - inter) >= rule.iou_threshold or inter / min(area_a, area_b) >= rule.ios_threshold
+    return inter if same else 0
 
 
-def agreements(first: list[Instance], second: list[Instance], rule: SeamRule) -> np.ndarray:
-    """For each pair (first[k], second[k]): the pixels the two share in their compared region when they show
-    one object (see the module docstring), else 0. The boxes and regions of all pairs in arrays; per pair
-    only the pixel counts over small crops."""
-    if not first:
-        return np.zeros(0, dtype=np.int64)
-    a_box = np.array([m.box.tuple() for m in first], dtype=np.int64)
-    b_box = np.array([m.box.tuple() for m in second], dtype=np.int64)
-    a_win = np.array([m.window.tuple() for m in first], dtype=np.int64)
-    b_win = np.array([m.window.tuple() for m in second], dtype=np.int64)
-    regions, shift, found = compared_regions(a_box, a_win, b_box, b_win)
-    b_box = b_box - np.tile(shift, 2)  # b's pixels carried into the region (across an abutting seam)
-    in_a, in_b = intersect(a_box, regions), intersect(b_box, regions)
-    both = intersect(in_a, in_b)
-    found &= (both[:, 2:] > both[:, :2]).all(axis=1)  # and so are in_a, in_b
-    # Crops in each mask's own pixels: (col0, row0, col1, row1) less the mask's origin.
-    a_at, b_at = np.tile(a_box[:, :2], 2), np.tile(b_box[:, :2], 2)
-    counts = [(0, 0, 0)] * len(first)
-    count = np.count_nonzero
-    for k, ia, ib, ba, bb in zip(np.flatnonzero(found).tolist(), (in_a - a_at)[found].tolist(),
-                                 (in_b - b_at)[found].tolist(), (both - a_at)[found].tolist(),
-                                 (both - b_at)[found].tolist()):
-        a, b = first[k].mask, second[k].mask
-        counts[k] = (count(a[ia[1]:ia[3], ia[0]:ia[2]]), count(b[ib[1]:ib[3], ib[0]:ib[2]]),
-                     count(a[ba[1]:ba[3], ba[0]:ba[2]] & b[bb[1]:bb[3], bb[0]:bb[2]]))
-    area_a, area_b, inter = np.array(counts, dtype=np.int64).reshape(-1, 3).T
-    with np.errstate(divide="ignore", invalid="ignore"):
-        same = ((inter / (area_a + area_b - inter) >= rule.iou_threshold)
-                | (inter / np.minimum(area_a, area_b) >= rule.ios_threshold))
-    return np.where(same & (inter > 0), inter, 0)
-
-
-def find(parent: list[int], i: int) -> int:
+def find(parent: list[int] | dict[int, int], i: int) -> int:
     """Union-find root with path halving."""
     while parent[i] != i:
         parent[i] = parent[parent[i]]
@@ -284,24 +289,14 @@ def outside(inst: Instance, rect: Rect) -> Instance | None:
     return replace(inst, row=int(origin[0, 0]), col=int(origin[0, 1]), mask=piece) if nonempty[0] else None
 
 
-def weighed(groups: list[tuple[list[Instance], list[tuple[int, int]]]],
-            rule: SeamRule) -> list[dict[tuple[int, int], int]]:
-    """The agreement of each candidate pair of each group of detections (its members, its pairs in their
-    numbering), found for all groups in one pass (`agreements`)."""
-    first = [members[i] for members, pairs in groups for i, _ in pairs]
-    second = [members[j] for members, pairs in groups for _, j in pairs]
-    values = iter(agreements(first, second, rule).tolist())
-    return [{pair: next(values) for pair in pairs} for _, pairs in groups]
-
-
-def resolve(instances: list[Instance], weight: dict[tuple[int, int], int], grid: WindowGrid,
+def resolve(instances: list[Instance], pairs: list[tuple[int, int]], grid: WindowGrid,
             rule: SeamRule) -> list[MergedObject]:
-    """The objects a component of detections shows (`components`: the members; `weighed`: the agreement of
-    its candidate pairs), by the rule of the module docstring; nothing outside a component could change its
-    result."""
+    """The objects a component of detections shows (`components`: the members and their candidate pairs), by
+    the rule of the module docstring; nothing outside a component could change its result."""
     if len(instances) == 1:  # most components: one detection, whole or standing alone or yielding
         (only,) = instances
         return [merged(instances, only)] if is_whole(only, grid, rule) or stands_alone(instances, grid, rule) else []
+    weight = {(i, j): agreement(instances[i], instances[j], rule) for i, j in pairs}
     matched = [(i, j) for (i, j), w in weight.items() if w]
     room = [edge_room(inst, grid) for inst in instances]
     whole = [r > rule.edge_margin for r in room]
@@ -339,9 +334,8 @@ def resolve(instances: list[Instance], weight: dict[tuple[int, int], int], grid:
 def merge_scene(instances: list[Instance], grid: WindowGrid, rule: SeamRule) -> list[MergedObject]:
     """Every object of a scene's detections at once, in output order: what the streamed `SceneMerge` and the
     workers' `settle_tile` give together, by construction (and checked by the tests)."""
-    groups = [([instances[i] for i in component], pairs) for component, pairs in components(instances, rule)]
-    found = [o for (members, _), weight in zip(groups, weighed(groups, rule))
-             for o in resolve(members, weight, grid, rule)]
+    found = [o for component, pairs in components(instances, rule)
+             for o in resolve([instances[i] for i in component], pairs, grid, rule)]
     return sorted(found, key=lambda o: o.key)
 
 
@@ -369,15 +363,12 @@ def settle_tile(instances: list[Instance], grid: WindowGrid, tile: int,
     private = grid.private(grid[tile], rule.reach)
     final: list[MergedObject] = []
     pending: list[Instance] = []
-    inside: list[tuple[list[Instance], list[tuple[int, int]]]] = []
     for component, pairs in components(instances, rule):
         members = [instances[i] for i in component]
         if all(private.contains(m.box) for m in members):
-            inside.append((members, pairs))
+            final += resolve(members, pairs, grid, rule)
         else:
             pending += members
-    for (members, _), weight in zip(inside, weighed(inside, rule)):
-        final += resolve(members, weight, grid, rule)
     return final, pending
 
 
@@ -472,11 +463,7 @@ class SceneMerge:
         return ids
 
     def root(self, i: int) -> int:
-        parent = self.parent
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
+        return find(self.parent, i)
 
     def union(self, i: int, j: int) -> None:
         ri, rj = self.root(i), self.root(j)
@@ -513,7 +500,7 @@ class SceneMerge:
 
     def resolve(self, roots: Iterable[int]) -> None:
         """Resolve the groups of `roots` (`resolve`, members in output order) and hold their rows."""
-        groups: list[tuple[list[Instance], list[tuple[int, int]]]] = []
+        found: list[MergedObject] = []
         keys: list[tuple[int, int]] = []
         for r in roots:
             group = self.groups.pop(r)
@@ -526,9 +513,8 @@ class SceneMerge:
                 self.unresolved[inst.tile] -= 1
                 if not self.unresolved[inst.tile]:
                     del self.unresolved[inst.tile], self.boxes[inst.tile]
-            groups.append((instances, [(min(local[i], local[j]), max(local[i], local[j])) for i, j in group.pairs]))
-        found = [o for (members, _), weight in zip(groups, weighed(groups, self.rule))
-                 for o in resolve(members, weight, self.grid, self.rule)]
+            pairs = [(min(local[i], local[j]), max(local[i], local[j])) for i, j in group.pairs]
+            found += resolve(instances, pairs, self.grid, self.rule)
         # A view's own outline is missing when the worker left it out (under the minimum area, or nothing left
         # after a repair): its object is left out the same way.
         single = [o for o in found if o.view is not None and o.view.key in self.own]
