@@ -33,10 +33,10 @@ The rule (`SeamRule`), in the README's words:
   most one whole object, so it can never glue two together.
 
 Candidate pairs come from a spatial index over the boxes, so the cost grows as n log n, never n^2; each
-comparison slices the two small crops, never a tile- or scene-sized array. The streamed merge (`SceneMerge`) looks at each
-detection once, when its window arrives. Two detections can only interact
-when their boxes share a pixel (or touch across an abutting seam): the rule's `reach` is one pixel, which
-sets how far from every other window a window's private region keeps (`WindowGrid.private`).
+comparison slices the two small crops, never a tile- or scene-sized array. The streamed merge (`SceneMerge`)
+looks at each detection once, when its window arrives. Two detections can only interact when their boxes
+share a pixel (or touch across an abutting seam): the rule's `reach` is one pixel, which sets how far from
+every other window a window's private region keeps (`WindowGrid.private`).
 """
 
 from __future__ import annotations
@@ -403,7 +403,7 @@ class SceneMerge:
         self.done = np.zeros((len(grid.rows), len(grid.cols)), dtype=bool)
         self.first_not_done = 0
         self.held: dict[int, Instance] = {}  # pending detections by id, until resolved
-        self.boxes: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # window -> (ids, boxes) of its detections
+        self.by_window: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # window -> its detections' (ids, boxes)
         self.unresolved: dict[int, int] = {}  # window -> how many of its detections are held
         self.parent: dict[int, int] = {}  # union-find over held ids; a root names its group
         self.groups: dict[int, Group] = {}
@@ -435,14 +435,14 @@ class SceneMerge:
         self.next_id += len(pending)
         boxes = np.array([m.box.tuple() for m in pending], dtype=np.int64)
         self.held.update(zip(ids, pending))
-        self.boxes[tile] = (np.array(ids), boxes)
+        self.by_window[tile] = (np.array(ids), boxes)
         self.unresolved[tile] = len(ids)
         # Partners lie in the windows around this one, with boxes within the rule's reach of it.
         near = self.grid[tile].grown(self.rule.reach)
         others: list[int] = []
         for w in self.grid.seen_by(near):
-            if w != tile and w in self.boxes:
-                w_ids, b = self.boxes[w]
+            if w != tile and w in self.by_window:
+                w_ids, b = self.by_window[w]
                 close = (b[:, 0] < near.col1) & (b[:, 2] > near.col0) & (b[:, 1] < near.row1) & (b[:, 3] > near.row0)
                 others += [i for i in w_ids[close].tolist() if i in self.held]
         # Register each new detection as waiting for the windows not done yet that could hold a partner.
@@ -493,12 +493,12 @@ class SceneMerge:
         ready = list(self.groups) if last else self.ready
         self.ready = set()
         if ready:
-            self.resolve(ready)
+            self.resolve_groups(ready)
         frontier = len(self.grid) if last else min(self.first_not_done, min(self.unresolved, default=len(self.grid)))
         released = sorted(t for t in self.settled if t < frontier)
         return Rows.concat([rows for t in released for rows in self.settled.pop(t)]).sorted()
 
-    def resolve(self, roots: Iterable[int]) -> None:
+    def resolve_groups(self, roots: Iterable[int]) -> None:
         """Resolve the groups of `roots` (`resolve`, members in output order) and hold their rows."""
         found: list[MergedObject] = []
         keys: list[tuple[int, int]] = []
@@ -512,7 +512,7 @@ class SceneMerge:
                 del self.parent[i]
                 self.unresolved[inst.tile] -= 1
                 if not self.unresolved[inst.tile]:
-                    del self.unresolved[inst.tile], self.boxes[inst.tile]
+                    del self.unresolved[inst.tile], self.by_window[inst.tile]
             pairs = [(min(local[i], local[j]), max(local[i], local[j])) for i, j in group.pairs]
             found += resolve(instances, pairs, self.grid, self.rule)
         # A view's own outline is missing when the worker left it out (under the minimum area, or nothing left

@@ -8,7 +8,8 @@ before the first batch returns, is a one-time cost: Ray's first calls into a fre
 per tile (the whole process, and by thread: main, output, plan, other Python threads, Ray's native threads;
 after a first job that takes the process's one-time costs, such as imports), the model workers' host CPU ms
 per tile (the pipeline's share, the stand-in's own CPU apart), the other Ray workers' (per-scene tasks:
-overview read, quicklook page) and Ray's daemons'.
+overview read, quicklook outlines and page) and Ray's daemons'; and where the model workers waited (before
+their first call, between calls, after their last).
 
     python -m tests.benchmarks.bench_gpu_sim [--jobs 3x3072 1x8192] [--seconds 0.05 0.1] [--workers 1 2]
 """
@@ -107,8 +108,22 @@ class ThreadClock:
         return used
 
 
-def standin_cpu(log_dir: Path) -> float:
-    return sum(float(line.split()[0]) for path in log_dir.glob("*.cpu") for line in path.read_text().splitlines())
+def standin_calls(log_dir: Path) -> dict[str, list[tuple[float, ...]]]:
+    """Each model worker's calls: (CPU s, tiles, wall start, wall end), in order."""
+    return {path.stem: sorted((tuple(map(float, line.split())) for line in path.read_text().splitlines()),
+                              key=lambda call: call[2])
+            for path in log_dir.glob("*.cpu")}
+
+
+def model_idle(calls: dict[str, list[tuple[float, ...]]], start: float, end: float) -> str:
+    """Where the model workers waited (wall s, mean over workers): before their first call, between calls
+    (the pipeline not keeping up), after their last call until the job ended (the last batches, the last
+    scene's merge and writing)."""
+    before = [c[0][2] - start for c in calls.values()]
+    between = [sum(b[2] - a[3] for a, b in zip(c, c[1:])) for c in calls.values()]
+    after = [end - c[-1][3] for c in calls.values()]
+    return (f"model idle per worker: {sum(before) / len(before):.2f} s before its first call, "
+            f"{sum(between) / len(between):.2f} s between calls, {sum(after) / len(after):.2f} s after its last")
 
 
 def one_job(scenes: list[str], layouts, seconds: float, workers: int, args, workdir: Path) -> str:
@@ -124,7 +139,7 @@ def one_job(scenes: list[str], layouts, seconds: float, workers: int, args, work
     with RayPool(predictor, load_settings(None, settings_overrides(options))) as pool:
         before = {pid: seconds for procs in ray_processes().values() for pid, seconds in cpu_seconds(procs).items()}
         with ThreadClock() as clock:
-            t = time.perf_counter()
+            t, t_wall = time.perf_counter(), time.time()
             summaries = list(run_scenes(scenes, predictor, pool, out_dir=out_dir, progress=False, **options))
             wall = time.perf_counter() - t
         start = min(s.timeline["first_tile"] for s in summaries) - (time.time() - time.perf_counter()) - t
@@ -135,7 +150,9 @@ def one_job(scenes: list[str], layouts, seconds: float, workers: int, args, work
     ideal = tiles * seconds / workers
     # From the first batch on: the first result minus the model time of one batch.
     steady = wall - max(0.0, start - args.batch_size * seconds)
-    standin = standin_cpu(log_dir)
+    calls = standin_calls(log_dir)
+    standin = sum(call[0] for worker in calls.values() for call in worker)
+    idle = model_idle(calls, t_wall, t_wall + wall)
     threads = clock.by_role()
     driver = sum(threads.values())
     shutil.rmtree(out_dir), shutil.rmtree(log_dir)
@@ -150,7 +167,7 @@ def one_job(scenes: list[str], layouts, seconds: float, workers: int, args, work
             + ", ".join(f"{role} {per_tile(threads[role])}" for role in ("main", "output", "plan", "other python",
                                                                          "ray (native)")) + "), "
             f"model workers {per_tile(used['actors'] - standin)} (+ stand-in {per_tile(standin)}), "
-            f"per-scene tasks {per_tile(used['tasks'])}, Ray daemons {per_tile(used['daemons'])}")
+            f"per-scene tasks {per_tile(used['tasks'])}, Ray daemons {per_tile(used['daemons'])}; {idle}")
 
 
 def job_scenes(spec: str, workdir: Path) -> tuple[list[str], list[tuple[int, int, int]]]:

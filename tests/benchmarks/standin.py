@@ -5,7 +5,8 @@ its class in band 3). `StandIn` knows the objects' layout (it rebuilds it from t
 tile lies from one object near its centre, and returns every object the tile shows, either in torchvision
 Mask R-CNN's format (a float mask of the whole tile per detection) or in the compact form (a boolean mask
 cropped to each object). It then sleeps for the rest of its time per tile: a forward on a GPU takes wall time
-but no host CPU. Its own CPU seconds are logged, so a benchmark can tell them from the pipeline's.
+but no host CPU. Its own CPU seconds are logged, so a benchmark can tell them from the pipeline's, and so are
+the wall times each call starts and ends, so it can tell when the model waited.
 """
 
 from __future__ import annotations
@@ -97,11 +98,12 @@ class StandIn:
         return self._objects
 
     def __call__(self, images):
-        start, cpu = time.perf_counter(), time.thread_time()
+        begin, start, cpu = time.time(), time.perf_counter(), time.thread_time()
         outputs = [self.detect(image) for image in images]
-        with open(Path(self.log_dir) / f"{os.getpid()}.cpu", "a") as log:
-            log.write(f"{time.thread_time() - cpu} {len(images)}\n")
+        used = time.thread_time() - cpu
         time.sleep(max(0.0, self.seconds * len(images) - (time.perf_counter() - start)))
+        with open(Path(self.log_dir) / f"{os.getpid()}.cpu", "a") as log:  # CPU s, tiles, wall start and end
+            log.write(f"{used} {len(images)} {begin} {time.time()}\n")
         return outputs
 
     def detect(self, image):
