@@ -63,7 +63,7 @@ def tile_outputs(scene: str, predictor: StandIn) -> dict:
     return outputs
 
 
-def one_job(scenes: list[str], predictor: StandIn, outputs: dict, workdir: Path) -> tuple[float, int, int, dict]:
+def one_job(scenes: list[str], predictor: StandIn, outputs: dict, workdir: Path) -> str:
     from pipeline.batch import run_scenes
 
     out_dir = Path(tempfile.mkdtemp(dir=workdir))
@@ -74,8 +74,9 @@ def one_job(scenes: list[str], predictor: StandIn, outputs: dict, workdir: Path)
         wall = time.perf_counter() - t
     shutil.rmtree(out_dir)
     assert all(s.complete for s in summaries)
-    return (wall, sum(s.tiles for s in summaries), sum(s.merged_instances for s in summaries),
-            clock.by_role())
+    tiles, objects = sum(s.tiles for s in summaries), sum(s.merged_instances for s in summaries)
+    return (f"{tiles} tiles, {objects} objects in {wall:.1f} s: {tiles / wall:.0f} tiles/s; CPU ms per tile: "
+            f"{clock.per_tile(tiles, digits=2)}")
 
 
 def main() -> None:
@@ -105,16 +106,7 @@ def main() -> None:
     try:
         one_job(links[:1], predictor, outputs, workdir)  # the process's one-time costs (imports, Ray exports)
         for _ in range(args.runs):
-            wall, tiles, objects, threads = one_job(links, predictor, outputs, workdir)
-            driver = sum(threads.values())
-
-            def per_tile(seconds: float, tiles: int = tiles) -> str:
-                return f"{seconds / tiles * 1000:.2f}"
-
-            lines.append(f"  {tiles} tiles, {objects} objects in {wall:.1f} s: {tiles / wall:.0f} tiles/s; CPU ms per "
-                         f"tile: driver {per_tile(driver)} (" + ", ".join(
-                             f"{role} {per_tile(threads[role])}" for role in
-                             ("main", "output", "plan", "other python", "ray (native)")) + ")")
+            lines.append("  " + one_job(links, predictor, outputs, workdir))
             print(lines[-1], flush=True)
     finally:
         shutdown_ray()

@@ -107,6 +107,17 @@ class ThreadClock:
                 used[self.role(tid)] += seconds - self.start.get(tid, 0.0)
         return used
 
+    def per_tile(self, tiles: int, digits: int = 1) -> str:
+        """'driver X (main a, output b, ...)': CPU ms per tile of the whole process and of each role."""
+        used = self.by_role()
+
+        def ms(seconds: float) -> str:
+            return f"{seconds / tiles * 1000:.{digits}f}"
+
+        return (f"driver {ms(sum(used.values()))} ("
+                + ", ".join(f"{role} {ms(used[role])}" for role in ("main", "output", "plan", "other python",
+                                                                    "ray (native)")) + ")")
+
 
 def standin_calls(log_dir: Path) -> dict[str, list[tuple[float, ...]]]:
     """Each model worker's calls: (CPU s, tiles, wall start, wall end), in order."""
@@ -153,8 +164,6 @@ def one_job(scenes: list[str], layouts, seconds: float, workers: int, args, work
     calls = standin_calls(log_dir)
     standin = sum(call[0] for worker in calls.values() for call in worker)
     idle = model_idle(calls, t_wall, t_wall + wall)
-    threads = clock.by_role()
-    driver = sum(threads.values())
     shutil.rmtree(out_dir), shutil.rmtree(log_dir)
 
     def per_tile(value: float) -> str:
@@ -163,10 +172,7 @@ def one_job(scenes: list[str], layouts, seconds: float, workers: int, args, work
     return (f"{seconds * 1000:.0f} ms/tile, {workers} worker(s): {tiles} tiles, {objects} objects in {wall:.1f} s "
             f"(first result after {start:.2f} s): {tiles / wall:.1f} tiles/s (ideal {tiles / ideal:.1f}), "
             f"efficiency {ideal / wall:.2f}, from the first batch on {ideal / steady:.2f}; "
-            f"CPU ms per tile: driver {per_tile(driver)} ("
-            + ", ".join(f"{role} {per_tile(threads[role])}" for role in ("main", "output", "plan", "other python",
-                                                                         "ray (native)")) + "), "
-            f"model workers {per_tile(used['actors'] - standin)} (+ stand-in {per_tile(standin)}), "
+            f"CPU ms per tile: {clock.per_tile(tiles)}, model workers {per_tile(used['actors'] - standin)} (+ stand-in {per_tile(standin)}), "
             f"per-scene tasks {per_tile(used['tasks'])}, Ray daemons {per_tile(used['daemons'])}; {idle}")
 
 
