@@ -78,18 +78,18 @@ class Quicklook:
             self.paint(outlines(*parts))
             return
         self.drawing.append(light_task(outlines).remote(*parts))
-        while len(self.drawing) > self.IN_FLIGHT:
-            self.paint(ray.get(self.drawing.pop(0)))
+        self.finish_drawing(keep=self.IN_FLIGHT)
 
     def paint(self, found: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]) -> None:
         rows, cols, ids, drawn = found
         self.classes[rows, cols] = ids
         self.counts.update(drawn.tolist())
 
-    def finish_drawing(self) -> None:
+    def finish_drawing(self, keep: int = 0) -> None:
+        """Paint the outlines found so far, oldest first, until at most `keep` batches are still out."""
         import ray
 
-        while self.drawing:
+        while len(self.drawing) > keep:
             self.paint(ray.get(self.drawing.pop(0)))
 
     def canvas(self) -> np.ndarray:
