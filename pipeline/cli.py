@@ -7,6 +7,7 @@ Exit codes: 0 done, 1 unexpected error, 2 bad input, 3 output written but incomp
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import signal
@@ -356,3 +357,14 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         release_ray()  # whatever path ends the command: no Ray processes of this run stay behind
+
+
+def entry() -> None:
+    """The program (`python -m pipeline`, `aerial-seg`): `main`, then exit without the interpreter's final
+    garbage collection, which walks every object torch, Ray and GDAL made (1.2 of the 1.6 s an exit takes on
+    a 2-core machine, more under load, and after Ctrl-C too). Nothing depends on it: every output is closed
+    and renamed before `main` returns."""
+    code = main()
+    gc.freeze()
+    sys.exit(code)
+
