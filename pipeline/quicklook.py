@@ -3,32 +3,32 @@ outlined in their class colours, the scene's name, the object count, a legend (c
 scale bar in ground metres.
 
 The overview and the outlines live on a canvas of at most `max_side` px, drawn batch by batch as the polygons
-are written, so the picture costs the same whatever the scene size or the number of objects; matplotlib
-(Agg) only lays out the finished canvas, 1:1 and never resampled, with its captions and the bar.
+are written, so the picture costs the same whatever the scene size or the number of objects; the page is laid
+out around the finished canvas, 1:1 and never resampled, with its captions and the bar.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import io
 import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import shapely
 from affine import Affine
+from PIL import Image, ImageDraw, ImageFont
 from pyproj import CRS, Transformer
 
 from core.cluster import light_task
 from core.files import atomic_path
 from pipeline.raster import Overview, Scaling, SceneInfo, normalize, read_overview, to_uint8
 from pipeline.style import PALETTE, class_colour, label_name
-
-if TYPE_CHECKING:  # matplotlib loads only when a quicklook is saved
-    from matplotlib.figure import Figure
 
 DPI = 100
 HEADER_PX = 64  # above the map: scene name, object count, CRS and resolution
@@ -66,6 +66,15 @@ class Quicklook:
         self.name, self.info = Path(scene).name, info
         self.class_names = list(class_names) if class_names else None
         self.drawing: list[Any] = []  # Ray references to outlines being found, oldest first
+        # The caption's facts that do not change as outlines come (the CRS database's first use costs ~0.2 s
+        # of CPU): found now, mid-job, not at the job's end where every tenth of a second is the GPUs' idle time.
+        height, width = self.classes.shape
+        self.per_px = ground_metres_per_pixel(self.transform, info.crs, width, height)
+        resolution = ground_metres_per_pixel(info.transform, info.crs, info.width, info.height)
+        crs = CRS.from_wkt(info.crs)
+        epsg = crs.to_epsg()
+        self.facts = [f"EPSG:{epsg}" if epsg else crs.name] + ([f"{resolution:.3g} m/px"] if resolution else [])
+        self.facts.append(f"{info.width:,} x {info.height:,} px")
 
     def draw(self, wkb: Sequence[bytes], class_ids: Sequence[int]) -> None:
         """Outline a batch of polygons. Parsing and sampling them (`outlines`) costs about as much as writing
@@ -99,25 +108,17 @@ class Quicklook:
 
     def caption(self) -> Caption:
         self.finish_drawing()
-        height, width = self.classes.shape
-        per_px = ground_metres_per_pixel(self.transform, self.info.crs, width, height)
-        resolution = ground_metres_per_pixel(self.info.transform, self.info.crs, self.info.width, self.info.height)
         total = sum(self.counts.values())
-        crs = CRS.from_wkt(self.info.crs)
-        epsg = crs.to_epsg()
-        facts = [f"{total:,} object{'s' if total != 1 else ''}", f"EPSG:{epsg}" if epsg else crs.name]
-        if resolution is not None:
-            facts.append(f"{resolution:.3g} m/px")
-        facts.append(f"{self.info.width:,} x {self.info.height:,} px")
+        facts = [f"{total:,} object{'s' if total != 1 else ''}", *self.facts]
         return Caption(title=self.name, subtitle="  ·  ".join(facts),
                        legend=legend_rows(self.counts, self.class_names),
-                       scale=scale_bar(per_px, width) if per_px else None)
+                       scale=scale_bar(self.per_px, self.classes.shape[1]) if self.per_px else None)
 
     def save(self, path: Path) -> None:
         """Compose the picture, lay out the page and write it. With Ray running here both run in a Ray task:
-        scaling the overview to 8 bits and matplotlib's layout cost ~0.5 s of CPU per page (more with its
-        first import), which the driver of a many-scene job, feeding GPUs, cannot spare. The task returns
-        the PNG's bytes; this process writes the file."""
+        scaling the overview to 8 bits and the layout cost 0.05-0.2 s of CPU per page, which the driver of a
+        many-scene job, feeding GPUs, cannot spare. The task returns the PNG's bytes; this process writes
+        the file."""
         import ray
 
         caption = self.caption()  # every batch painted
@@ -139,7 +140,7 @@ def canvas(overview: Overview, scaling: Scaling, classes: np.ndarray) -> np.ndar
 def page(overview: Overview, scaling: Scaling, classes: np.ndarray, caption: Caption) -> bytes:
     """The quicklook page as PNG bytes."""
     buffer = io.BytesIO()
-    render(canvas(overview, scaling, classes), caption).savefig(buffer, format="png", dpi=DPI)
+    render(canvas(overview, scaling, classes), caption).save(buffer, format="png", dpi=(DPI, DPI))
     return buffer.getvalue()
 
 
@@ -216,49 +217,54 @@ def scale_bar(metres_per_px: float, width_px: int) -> tuple[float, str]:
     return metres / metres_per_px, label
 
 
-def render(rgb: np.ndarray, caption: Caption) -> Figure:
+def render(rgb: np.ndarray, caption: Caption) -> Image.Image:
     """The page: header (name, facts) above the canvas, legend right of it, scale bar on it. The canvas is
-    placed pixel for pixel (figimage), so outlines stay one pixel wide and exact."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.patches import Rectangle
-    from matplotlib.transforms import Affine2D
-
+    pasted pixel for pixel, so outlines stay one pixel wide and exact. Drawn with Pillow: matplotlib's import
+    and first figure cost ~0.6 s of CPU in each fresh process (every job's last page), Pillow's ~0.05 s."""
     height, width = rgb.shape[1:]
-    legend_px = 40 + ROW_PX * len(caption.legend)
-    body = max(height, legend_px)
-    fig_w, fig_h = MARGIN_PX + width + PANEL_PX, HEADER_PX + body + MARGIN_PX
-    figure = Figure(figsize=(fig_w / DPI, fig_h / DPI), dpi=DPI, facecolor="white")
-    FigureCanvasAgg(figure)
-    px = Affine2D().scale(1 / fig_w, 1 / fig_h) + figure.transFigure  # figure pixels, origin bottom-left
-    map_left, map_bottom = MARGIN_PX, MARGIN_PX + body - height
-    figure.figimage(np.ascontiguousarray(rgb.transpose(1, 2, 0)), xo=map_left, yo=map_bottom, origin="upper")
-    figure.add_artist(Rectangle((map_left - 0.5, map_bottom - 0.5), width + 1, height + 1, transform=px, snap=False,
-                                facecolor="none", edgecolor="#888888", linewidth=72 / DPI))  # 1 px, just outside
+    body = max(height, 40 + ROW_PX * len(caption.legend))
+    page_w, page_h = MARGIN_PX + width + PANEL_PX, HEADER_PX + body + MARGIN_PX
+    left, top, bottom = MARGIN_PX, HEADER_PX, HEADER_PX + height  # the map's place on the page
+    pixels = np.full((page_h, page_w, 3), 255, dtype=np.uint8)
+    pixels[top:bottom, left:left + width] = rgb.transpose(1, 2, 0)
+    if caption.scale is not None:  # the scale bar's box: the imagery shows through a fifth, as on a map
+        length, label = caption.scale
+        x0, y0 = left + 16, bottom - 16  # the bar's bottom left corner
+        box = pixels[y0 - 32:y0 + 8, x0 - 8:round(x0 + length) + 8]
+        box[:] = (box * 0.2 + 255 * 0.8).astype(np.uint8)
+    image = Image.fromarray(pixels)
+    draw = ImageDraw.Draw(image)
+    draw.rectangle((left - 1, top - 1, left + width, bottom), outline=(136, 136, 136))  # 1 px, just outside
 
-    figure.text(MARGIN_PX, fig_h - 10, caption.title, transform=px, ha="left", va="top", fontsize=15,
-                weight="bold")
-    figure.text(MARGIN_PX, fig_h - 40, caption.subtitle, transform=px, ha="left", va="top", fontsize=10,
-                color="#333333")
+    draw.text((left, 10), caption.title, fill="black", font=font(15, bold=True), anchor="lt")
+    draw.text((left, 40), caption.subtitle, fill=(51, 51, 51), font=font(10), anchor="lt")
 
-    left, top = map_left + width + 16, fig_h - HEADER_PX - 12
-    figure.text(left, top, "Classes", transform=px, ha="left", va="top", fontsize=11, weight="bold")
+    legend_x, legend_y = left + width + 16, top + 12
+    draw.text((legend_x, legend_y), "Classes", fill="black", font=font(11, bold=True), anchor="lt")
     for k, (name, colour, count) in enumerate(caption.legend):
-        y = top - 40 - k * ROW_PX
+        y = legend_y + 24 + k * ROW_PX  # the row's swatch top
         if colour is not None:
-            rgb01 = tuple(c / 255 for c in colour)
-            figure.add_artist(Rectangle((left, y), 16, 16, transform=px, facecolor=(*rgb01, 0.25),
-                                        edgecolor=rgb01, linewidth=2))
-        figure.text(left + 26, y + 8, name, transform=px, ha="left", va="center", fontsize=10)
-        figure.text(fig_w - 14, y + 8, f"{count:,}", transform=px, ha="right", va="center", fontsize=10)
+            tint = tuple(round(c * 0.25 + 255 * 0.75) for c in colour)
+            draw.rectangle((legend_x, y, legend_x + 16, y + 16), fill=tint, outline=colour, width=2)
+        draw.text((legend_x + 26, y + 8), name, fill="black", font=font(10), anchor="lm")
+        draw.text((page_w - 14, y + 8), f"{count:,}", fill="black", font=font(10), anchor="rm")
 
     if caption.scale is not None:
-        length, label = caption.scale
-        x0, y0 = map_left + 16, map_bottom + 16
-        figure.add_artist(Rectangle((x0 - 8, y0 - 8), length + 16, 40, transform=px, facecolor=(1, 1, 1, 0.8),
-                                    edgecolor="none"))
         for k in range(2):  # two halves, black and white, outlined: readable on any imagery
-            figure.add_artist(Rectangle((x0 + k * length / 2, y0), length / 2, 6, transform=px, linewidth=1,
-                                        facecolor="black" if k == 0 else "white", edgecolor="black"))
-        figure.text(x0 + length / 2, y0 + 10, label, transform=px, ha="center", va="bottom", fontsize=10)
-    return figure
+            a, b = x0 + k * length / 2, x0 + (k + 1) * length / 2
+            draw.rectangle((round(a), y0 - 6, round(b), y0), fill="black" if k == 0 else "white", outline="black")
+        draw.text((x0 + length / 2, y0 - 10), label, fill="black", font=font(10), anchor="md")
+    return image
+
+
+@functools.cache
+def font(points: float, bold: bool = False) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    """DejaVu Sans (shipped with matplotlib, found without importing it) at `points` on a DPI page; Pillow's
+    own font where that is missing."""
+    size = round(points * DPI / 72)
+    spec = importlib.util.find_spec("matplotlib")
+    if spec is not None and spec.origin:
+        path = Path(spec.origin).parent / "mpl-data" / "fonts" / "ttf" / f"DejaVuSans{'-Bold' if bold else ''}.ttf"
+        if path.is_file():
+            return ImageFont.truetype(str(path), size)
+    return ImageFont.load_default(size)
