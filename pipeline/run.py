@@ -160,8 +160,8 @@ def run_job(tasks: list[SceneTask], predictor: Callable, settings: Settings, poo
 
 class Planner:
     """The job's scenes planned in order, `ahead` of their turn, on a thread of their own: opening a scene,
-    holding its output, starting its overview and replaying its saved tiles hide behind the previous scene's
-    tiles instead of stalling the workers between scenes."""
+    holding its output, reading its statistics (percentile scaling) and replaying its saved tiles hide behind
+    the previous scene's tiles instead of stalling the workers between scenes."""
 
     def __init__(self, tasks: list[SceneTask], make: Callable[[int, SceneTask], SceneRun], ahead: int = 2):
         self.tasks, self.make, self.ahead = list(enumerate(tasks)), make, ahead
