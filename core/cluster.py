@@ -36,6 +36,11 @@ _connected_here: tuple[str, str] | None = None
 RAY_DEFAULT_PORTS = (6379, 8265, 10001, 52365, 44217, 44227)
 # The two metrics servers whose ports Ray takes only from its processes' environment; 0: any free port.
 METRICS_PORTS_ANY = {"AUTOSCALER_METRIC_PORT": "0", "DASHBOARD_METRIC_PORT": "0"}
+# Pooled Ray workers kept when idle beyond the CPU count (Ray's soft limit, which the model actors fill). The
+# per-scene tasks (overview read, quicklook outlines and page) come every few seconds, and Ray kills an idle
+# worker above its limit after 1 s: each task then started a fresh Python process, ~1 s of CPU (8 processes
+# for 10 outline tasks in two 8192^2 jobs; 2 with these).
+IDLE_TASK_WORKERS = 4
 
 
 @dataclass(frozen=True)
@@ -125,7 +130,7 @@ def start_local_ray(num_cpus: int) -> None:
 
     with _handlers_kept_through_init(), _signals_held() as held:
         try:
-            with _local_instance():
+            with _local_instance(num_cpus):
                 ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, dashboard_port=0,
                          log_to_driver=False, configure_logging=False)
         except BaseException:
@@ -308,10 +313,11 @@ def _deliver(held: list[int]) -> None:
 
 
 @contextlib.contextmanager
-def _local_instance() -> Iterator[None]:
-    """Make the Ray that ray.init starts listen on loopback only, off Ray's fixed default ports, and start
-    no autoscaler monitor: an instance of a fixed size in this process has nothing to scale, and ray.shutdown
-    waits a full second for the monitor to give up after SIGTERM (1.0 of the 1.4 s it takes here).
+def _local_instance(num_cpus: int) -> Iterator[None]:
+    """Make the Ray that ray.init starts listen on loopback only, off Ray's fixed default ports, keep
+    IDLE_TASK_WORKERS pooled workers, and start no autoscaler monitor: an instance of a fixed size in this
+    process has nothing to scale, and ray.shutdown waits a full second for the monitor to give up after
+    SIGTERM (1.0 of the 1.4 s it takes here).
 
     Ray binds its servers to the node's address, which on Linux is the machine's network address unless
     RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (then it is loopback, as on a laptop); that switch is read when Ray is
@@ -330,7 +336,8 @@ def _local_instance() -> Iterator[None]:
         def __init__(self, *args: Any, **kwargs: Any):
             super().__init__(*args, **{**defaults, **kwargs})
 
-    environment = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", **METRICS_PORTS_ANY}
+    environment = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", **METRICS_PORTS_ANY,
+                   "RAY_num_workers_soft_limit": str(num_cpus + IDLE_TASK_WORKERS)}
     saved = {k: os.environ.get(k) for k in environment}
     os.environ.update(environment)
     try:
