@@ -367,4 +367,3 @@ def entry() -> None:
     code = main()
     gc.freeze()
     sys.exit(code)
-
