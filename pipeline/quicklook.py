@@ -63,7 +63,7 @@ class Quicklook:
         self.transform = self.overview.transform
         self.classes = np.zeros(self.overview.valid.shape, dtype=np.int32)  # class id of an outline pixel, 0: none
         self.counts: Counter[int] = Counter()
-        self.name, self.info = Path(scene).name, info
+        self.name = Path(scene).name
         self.class_names = list(class_names) if class_names else None
         self.drawing: list[Any] = []  # Ray references to outlines being found, oldest first
         # The caption's facts that do not change as outlines come (the CRS database's first use costs ~0.2 s

@@ -95,8 +95,8 @@ INTERRUPTIBLE = textwrap.dedent("""
     from pipeline.run import run_scene
     signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        run_scene({scene!r}, {out!r}, predictor=SlowOracle({seconds}, {pids!r}, {calls!r}), tile={tile}, overlap={overlap},
-                  scaling="divide255", batch_size=1, workers=1, progress=False)
+        run_scene({scene!r}, {out!r}, predictor=SlowOracle({seconds}, {pids!r}, {calls!r}), tile={tile},
+                  overlap={overlap}, scaling="divide255", batch_size=1, workers=1, progress=False)
     except Interrupted as exc:
         print(exc, file=sys.stderr)
         sys.exit(130)

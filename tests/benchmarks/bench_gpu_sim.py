@@ -172,7 +172,8 @@ def one_job(scenes: list[str], layouts, seconds: float, workers: int, args, work
     return (f"{seconds * 1000:.0f} ms/tile, {workers} worker(s): {tiles} tiles, {objects} objects in {wall:.1f} s "
             f"(first result after {start:.2f} s): {tiles / wall:.1f} tiles/s (ideal {tiles / ideal:.1f}), "
             f"efficiency {ideal / wall:.2f}, from the first batch on {ideal / steady:.2f}; "
-            f"CPU ms per tile: {clock.per_tile(tiles)}, model workers {per_tile(used['actors'] - standin)} (+ stand-in {per_tile(standin)}), "
+            f"CPU ms per tile: {clock.per_tile(tiles)}, "
+            f"model workers {per_tile(used['actors'] - standin)} (+ stand-in {per_tile(standin)}), "
             f"per-scene tasks {per_tile(used['tasks'])}, Ray daemons {per_tile(used['daemons'])}; {idle}")
 
 
