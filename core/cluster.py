@@ -11,7 +11,6 @@ Free of torch, so light jobs (`prepare`) start Ray without importing it.
 from __future__ import annotations
 
 import contextlib
-import functools
 import inspect
 import os
 import signal
@@ -36,11 +35,6 @@ _connected_here: tuple[str, str] | None = None
 RAY_DEFAULT_PORTS = (6379, 8265, 10001, 52365, 44217, 44227)
 # The two metrics servers whose ports Ray takes only from its processes' environment; 0: any free port.
 METRICS_PORTS_ANY = {"AUTOSCALER_METRIC_PORT": "0", "DASHBOARD_METRIC_PORT": "0"}
-# Pooled Ray workers kept when idle beyond the CPU count (Ray's soft limit, which the model actors fill). The
-# per-scene tasks (overview read, quicklook outlines and page) come every few seconds, and Ray kills an idle
-# worker above its limit after 1 s: each task then started a fresh Python process, ~1 s of CPU (8 processes
-# for 10 outline tasks in two 8192^2 jobs; 2 with these).
-IDLE_TASK_WORKERS = 4
 
 
 @dataclass(frozen=True)
@@ -130,7 +124,7 @@ def start_local_ray(num_cpus: int) -> None:
 
     with _handlers_kept_through_init(), _signals_held() as held:
         try:
-            with _local_instance(num_cpus):
+            with _local_instance():
                 ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, dashboard_port=0,
                          log_to_driver=False, configure_logging=False)
         except BaseException:
@@ -313,11 +307,10 @@ def _deliver(held: list[int]) -> None:
 
 
 @contextlib.contextmanager
-def _local_instance(num_cpus: int) -> Iterator[None]:
-    """Make the Ray that ray.init starts listen on loopback only, off Ray's fixed default ports, keep
-    IDLE_TASK_WORKERS pooled workers, and start no autoscaler monitor: an instance of a fixed size in this
-    process has nothing to scale, and ray.shutdown waits a full second for the monitor to give up after
-    SIGTERM (1.0 of the 1.4 s it takes here).
+def _local_instance() -> Iterator[None]:
+    """Make the Ray that ray.init starts listen on loopback only, off Ray's fixed default ports, and start no
+    autoscaler monitor: an instance of a fixed size in this process has nothing to scale, and ray.shutdown
+    waits a full second for the monitor to give up after SIGTERM (1.0 of the 1.4 s it takes here).
 
     Ray binds its servers to the node's address, which on Linux is the machine's network address unless
     RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (then it is loopback, as on a laptop); that switch is read when Ray is
@@ -336,8 +329,7 @@ def _local_instance(num_cpus: int) -> Iterator[None]:
         def __init__(self, *args: Any, **kwargs: Any):
             super().__init__(*args, **{**defaults, **kwargs})
 
-    environment = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", **METRICS_PORTS_ANY,
-                   "RAY_num_workers_soft_limit": str(num_cpus + IDLE_TASK_WORKERS)}
+    environment = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", **METRICS_PORTS_ANY}
     saved = {k: os.environ.get(k) for k in environment}
     os.environ.update(environment)
     try:
@@ -381,15 +373,35 @@ def in_flight(next_item: Callable[[], Any], start: Callable[[Any], Any],
             ray.cancel(ref)
 
 
-@functools.cache
-def light_task(fn: Callable) -> Any:
-    """`fn` as a Ray task that takes no CPU slot (a short job of the driver's, such as reading a scene's
-    overview, run beside the model workers), made once per process: making a remote function exports it to
-    the cluster at its first call, which per scene would cost the driver more than the call. (Ray exports it
-    again by itself after a restart.)"""
+def lost_worker_errors() -> tuple[type[BaseException], ...]:
+    """What Ray raises for a call whose worker (process, node) is gone, as opposed to the call's own error."""
     import ray
 
-    return ray.remote(num_cpus=0)(fn)
+    e = ray.exceptions
+    return (e.RayActorError, e.WorkerCrashedError, e.ObjectLostError, e.OutOfMemoryError)
+
+
+class SideCall:
+    """`fn(*args)`, a short job of the driver's (a scene's overview read, the quicklook's outlines and page),
+    sent to run elsewhere (`ref`: its Ray reference) or, without one, run here when its result is asked for.
+    Where it ran is a matter of speed only: if that worker was lost, `result` computes it here."""
+
+    def __init__(self, fn: Callable, args: tuple, ref: Any = None):
+        self.fn, self.args, self.ref = fn, args, ref
+
+    @classmethod
+    def here(cls, fn: Callable, *args: Any) -> SideCall:
+        return cls(fn, args)
+
+    def result(self) -> Any:
+        if self.ref is not None:
+            import ray
+
+            try:
+                return ray.get(self.ref)
+            except lost_worker_errors():
+                pass
+        return self.fn(*self.args)
 
 
 def check_gpus(device: str, needed: float = 1.0) -> None:

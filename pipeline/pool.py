@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from core.cluster import check_gpus, connect_ray, in_flight, shutdown_ray
+from core.cluster import SideCall, check_gpus, connect_ray, in_flight, lost_worker_errors, shutdown_ray
 from core.errors import UserError, reason
 from pipeline.worker import SceneSpec, TileOutput, TileWorker
 from pipeline.settings import Settings
@@ -45,6 +45,7 @@ class RayPool:
         self.started_ray = False
         self.actors: list[Any] = []
         self.stats = PoolStats()
+        self.sides = 0  # side calls sent so far: they go round the actors
 
     def __enter__(self) -> RayPool:
         self.started_ray = connect_ray(self.run.ray_address)
@@ -71,7 +72,8 @@ class RayPool:
             options.update(num_gpus=r.gpus_per_worker, num_cpus=1)
         else:
             options.update(num_cpus=min(float(threads), total_cpus / workers))
-        self.actor_class = ray.remote(TileWorker).options(**options)
+        # `side` calls run on a thread of their own (Ray's concurrency group), never queued behind batches.
+        self.actor_class = ray.remote(concurrency_groups={"side": 1})(TileWorker).options(**options)
         self.threads = threads
         self.actors = [self.spawn() for _ in range(workers)]
         try:  # the model loads in each actor's constructor: say so once, clearly, if it cannot
@@ -81,6 +83,15 @@ class RayPool:
 
     def spawn(self) -> Any:
         return self.actor_class.remote(self.predictor, self.threads)
+
+    def side(self, fn: Callable, *args: Any) -> SideCall:
+        """`fn(*args)` on a model worker's side thread, beside its batches (`TileWorker.side`). The driver's
+        short jobs per scene (its overview read, the quicklook's outlines and page) need a process with
+        rasterio and shapely loaded: a Ray task of their own took a fresh Python process whenever none was
+        idle, ~1 s of CPU to start, which on a small machine the model workers waited for."""
+        actor = self.actors[self.sides % len(self.actors)]
+        self.sides += 1
+        return SideCall(fn, args, actor.side.options(concurrency_group="side").remote(fn, *args))
 
     def __exit__(self, *exc_info: Any) -> None:
         import ray
@@ -122,8 +133,7 @@ class RayPool:
             load[slot] -= 1
             try:
                 results = ray.get(ref)
-            except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError,
-                    ray.exceptions.ObjectLostError, ray.exceptions.OutOfMemoryError) as exc:
+            except lost_worker_errors() as exc:
                 if isinstance(exc, ray.exceptions.OutOfMemoryError) or "OutOfMemory" in str(exc):
                     # Ray's memory monitor killed it: a lost worker like any other, and less work queued
                     # at once from now on, so the next one is less likely to go the same way.

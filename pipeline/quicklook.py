@@ -14,10 +14,9 @@ import importlib.util
 import io
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import shapely
@@ -25,7 +24,7 @@ from affine import Affine
 from PIL import Image, ImageDraw, ImageFont
 from pyproj import CRS, Transformer
 
-from core.cluster import light_task
+from core.cluster import SideCall
 from core.files import atomic_path
 from pipeline.raster import Overview, Scaling, SceneInfo, normalize, read_overview, to_uint8
 from pipeline.style import PALETTE, class_colour, label_name
@@ -52,12 +51,15 @@ class Caption:
 
 class Quicklook:
     """`Quicklook(scene, info, bands, scaling, class_names=...)`, `.draw(wkb, class_ids)` per batch of polygons
-    (WKB, in the scene's CRS), `.save(path)`. `overview`: the scene's decimated read when the caller has it."""
+    (WKB, in the scene's CRS), `.save(path)`. `overview`: the scene's decimated read when the caller has it.
+    `side`: where the outlines and the page are computed (`RayPool.side` in a run; by default here)."""
 
-    IN_FLIGHT = 2  # batches outlined at once in Ray tasks; the output thread paints a batch when more are out
+    IN_FLIGHT = 2  # batches outlined at once elsewhere; the output thread paints a batch when more are out
 
     def __init__(self, scene: str, info: SceneInfo, bands: list[int], scaling: Scaling,
-                 class_names: Sequence[str] | None = None, overview: Overview | None = None, max_side: int = 1024):
+                 class_names: Sequence[str] | None = None, overview: Overview | None = None, max_side: int = 1024,
+                 side: Callable[..., SideCall] = SideCall.here):
+        self.side = side
         self.overview = overview if overview is not None else read_overview(scene, info, bands, max_side)
         self.scaling = scaling
         self.transform = self.overview.transform
@@ -65,7 +67,7 @@ class Quicklook:
         self.counts: Counter[int] = Counter()
         self.name = Path(scene).name
         self.class_names = list(class_names) if class_names else None
-        self.drawing: list[Any] = []  # Ray references to outlines being found, oldest first
+        self.drawing: list[SideCall] = []  # outlines being found, oldest first
         # The caption's facts that do not change as outlines come (the CRS database's first use costs ~0.2 s
         # of CPU): found now, mid-job, not at the job's end where every tenth of a second is the GPUs' idle time.
         height, width = self.classes.shape
@@ -78,15 +80,10 @@ class Quicklook:
 
     def draw(self, wkb: Sequence[bytes], class_ids: Sequence[int]) -> None:
         """Outline a batch of polygons. Parsing and sampling them (`outlines`) costs about as much as writing
-        them: with Ray running it runs in a Ray task, off the process that feeds the model workers, and
-        the pixels come back; batches are painted in the order they came (a later outline wins a pixel)."""
-        import ray
-
+        them: in a run it runs on a model worker's side thread, off the process that feeds the model workers,
+        and the pixels come back; batches are painted in the order they came (a later outline wins a pixel)."""
         parts = (list(wkb), np.asarray(class_ids, dtype=np.int64), self.transform, self.classes.shape)
-        if not ray.is_initialized():
-            self.paint(outlines(*parts))
-            return
-        self.drawing.append(light_task(outlines).remote(*parts))
+        self.drawing.append(self.side(outlines, *parts))
         self.finish_drawing(keep=self.IN_FLIGHT)
 
     def paint(self, found: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]) -> None:
@@ -96,10 +93,8 @@ class Quicklook:
 
     def finish_drawing(self, keep: int = 0) -> None:
         """Paint the outlines found so far, oldest first, until at most `keep` batches are still out."""
-        import ray
-
         while len(self.drawing) > keep:
-            self.paint(ray.get(self.drawing.pop(0)))
+            self.paint(self.drawing.pop(0).result())
 
     def canvas(self) -> np.ndarray:
         """The overview with the outlines, 3 x h x w uint8."""
@@ -115,15 +110,12 @@ class Quicklook:
                        scale=scale_bar(self.per_px, self.classes.shape[1]) if self.per_px else None)
 
     def save(self, path: Path) -> None:
-        """Compose the picture, lay out the page and write it. With Ray running here both run in a Ray task:
-        scaling the overview to 8 bits and the layout cost 0.05-0.2 s of CPU per page, which the driver of a
-        many-scene job, feeding GPUs, cannot spare. The task returns the PNG's bytes; this process writes
-        the file."""
-        import ray
-
+        """Compose the picture, lay out the page and write it. In a run both happen on a model worker's side
+        thread: scaling the overview to 8 bits and the layout cost 0.05-0.2 s of CPU per page, which the
+        driver of a many-scene job, feeding GPUs, cannot spare. The PNG's bytes come back; this process
+        writes the file."""
         caption = self.caption()  # every batch painted
-        parts = (self.overview, self.scaling, self.classes, caption)
-        png = ray.get(light_task(page).remote(*parts)) if ray.is_initialized() else page(*parts)
+        png = self.side(page, self.overview, self.scaling, self.classes, caption).result()
         with atomic_path(path) as tmp:
             tmp.write_bytes(png)
 

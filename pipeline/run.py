@@ -21,6 +21,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from core.cluster import SideCall
 from core.errors import UserError
 from pipeline.pool import Batch, RayPool
 from pipeline.predict import CheckpointPredictor
@@ -70,8 +71,13 @@ def run_job(tasks: list[SceneTask], predictor: Callable, settings: Settings, poo
     output = ThreadPoolExecutor(max_workers=1, thread_name_prefix="output")
     bar = tqdm(total=0, desc="tiles", unit="tile", disable=not progress)
     batch_size = settings.run.batch_size
+    active = pool
+
+    def side(fn: Callable, *args: Any) -> SideCall:  # the scenes' short jobs, beside the model (`RayPool.side`)
+        return active.side(fn, *args)
+
     planner = Planner(tasks, lambda number, task: SceneRun(number, task, settings, identity, describe,
-                                                           class_names_of(predictor)))
+                                                           class_names_of(predictor), side))
 
     def hand_over(run: SceneRun) -> None:
         """A scene's last tile is in: the rest of its work goes to the output thread."""
@@ -111,7 +117,6 @@ def run_job(tasks: list[SceneTask], predictor: Callable, settings: Settings, poo
         while finishing and finishing[0][1].done():
             yield finishing.popleft()[1].result()
 
-    active = pool
     try:
         if active is None:
             active = RayPool(predictor, settings).__enter__()

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from core.cluster import light_task
+from core.cluster import SideCall
 from core.errors import UserError
 from core.files import atomic_path, check_not_input, check_writable, exclusive, lock_path, remove_leftovers
 from pipeline.features import Rows
@@ -98,41 +98,41 @@ def scene_spec(scene: str, info: SceneInfo, settings: Settings,
 class SceneLook:
     """The scene's decimated read (`raster.first_look`: collar check, statistics, the quicklook's picture),
     started by `start` and waited for when called. It decodes every block of a scene without overviews (about
-    a millisecond of CPU per 512 px tile), so with Ray running it is a Ray task, off the driver.
+    a millisecond of CPU per 512 px tile), so in a run it goes to a model worker's side thread (`side`), off
+    the driver.
 
-    A run starts it when the scene's first tile is in, not when the scene is planned: a task at the job's
-    start takes a fresh Ray worker and CPU from the model workers' first reads (0.6 s before the first model
-    call of a 2-core job, 0.05 s without). Only a percentile scaling needs it at once, to plan the scene."""
+    A run starts it when the scene's first tile is in, not when the scene is planned: at the job's start it
+    took CPU from the model workers' first reads (0.6 s before the first model call of a 2-core job, 0.05 s
+    without). Only a percentile scaling needs it at once, to plan the scene."""
 
-    def __init__(self, scene: str, info: SceneInfo, settings: Settings):
+    def __init__(self, scene: str, info: SceneInfo, settings: Settings,
+                 side: Callable[..., SideCall] = SideCall.here):
         bands = resolve_bands(settings.bands, info.count, scene, info.alpha)
         self.parts = (scene, info, bands, band_nodata(settings.nodata, info, bands, scene))
-        self.ref: Any = None
+        self.side = side
+        self.call: SideCall | None = None
         self.result: tuple[Overview | None, list[str]] | None = None
 
     def start(self) -> None:
-        import ray
-
-        if self.ref is None and self.result is None and ray.is_initialized():
-            self.ref = light_task(first_look).remote(*self.parts)
+        if self.call is None and self.result is None:
+            self.call = self.side(first_look, *self.parts)
 
     def __call__(self) -> tuple[Overview | None, list[str]]:
-        import ray
-
         if self.result is None:
             self.start()
-            self.result = ray.get(self.ref) if self.ref is not None else first_look(*self.parts)
-            self.ref = None
+            self.result = self.call.result()
+            self.call = None
         return self.result
 
 
 class SceneRun:
     def __init__(self, number: int, task: SceneTask, settings: Settings, identity: dict[str, Any],
                  metadata: Callable[[RunSummary], dict[str, Any]], class_names: list[str] | None,
-                 previous: SceneRun | None = None):
-        self.number, self.task, self.settings = number, task, settings
+                 side: Callable[..., SideCall] = SideCall.here):
+        """`side`: where the scene's short jobs (overview read, quicklook) run, `RayPool.side` in a job."""
+        self.number, self.task, self.settings, self.side = number, task, settings, side
         self.identity, self.describe, self.names = identity, metadata, class_names
-        self.previous = previous  # with one file for many scenes: the scene whose layer goes in first
+        self.previous: SceneRun | None = None  # one file for many scenes: the scene whose layer goes in first
         r = settings.run
         self.summary = RunSummary(scene=str(task.scene), output=str(task.output),
                                   layer=task.layer if writer_for(task.output).layers else "",
@@ -164,7 +164,7 @@ class SceneRun:
         t = time.perf_counter()
         task = self.task
         self.info = open_scene(task.scene)
-        self.look = SceneLook(task.scene, self.info, self.settings)
+        self.look = SceneLook(task.scene, self.info, self.settings, self.side)
         self.spec = scene_spec(task.scene, self.info, self.settings, self.look)
         if not task.keep_other_layers:  # one run per output at a time (a many-scene file: the job holds it)
             self.stack.enter_context(exclusive(task.output))
@@ -273,7 +273,7 @@ class SceneRun:
         self.summary.warnings += notes
         if self.settings.run.quicklook and overview is not None:
             self.quicklook = Quicklook(task.scene, self.info, self.spec.bands, self.spec.scaling,
-                                       class_names=self.names, overview=overview)
+                                       class_names=self.names, overview=overview, side=self.side)
 
     def finish(self) -> RunSummary:
         """Merge what is left, close the output (it appears now), write the sidecars, clean up. On an error

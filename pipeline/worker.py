@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import rasterio
@@ -133,6 +133,11 @@ class TileWorker:
 
     def ready(self) -> bool:
         return True
+
+    def side(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run a short job of the driver's (`RayPool.side`) in this warm process, beside the batches: pure
+        functions of their arguments, so they share nothing with `process`."""
+        return fn(*args)
 
     def meter(self, spec: SceneSpec) -> AreaMeter:
         meter = spec.meter

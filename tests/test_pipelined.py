@@ -116,25 +116,32 @@ def test_the_progress_bar_counts_the_detections_of_the_whole_job(tmp_path, ray_s
     assert total > 10 and bar.endswith(f"detections={total}]")
 
 
-def test_a_scene_reads_its_overview_once_its_first_tile_is_in(tmp_path, ray_session):
-    """Planned scenes start no overview read (at a job's start its Ray task takes a fresh worker and CPU from
-    the first batches' reads); the first written tile starts it; a percentile scaling reads it to plan."""
+def test_a_scene_reads_its_overview_once_its_first_tile_is_in(tmp_path):
+    """Planned scenes start no overview read (at a job's start it takes CPU from the first batches' reads);
+    the first written tile sends it to run (`side`); a percentile scaling reads it to plan."""
+    from core.cluster import SideCall
     from pipeline.features import Rows
     from pipeline.scene_run import SceneRun, SceneTask
     from pipeline.settings import load_settings, settings_overrides
 
     path = scene(tmp_path / "a.tif", 200, 200, 733600.0)
-    runs = {}
+    runs, sent = {}, []
+
+    def side(fn, *args):
+        sent.append(fn.__name__)
+        return SideCall.here(fn, *args)
+
     for scaling in ("divide255", "percentile"):
         settings = load_settings(None, settings_overrides({"tile": TILE, "overlap": OVERLAP, "scaling": scaling}))
         task = SceneTask(path, tmp_path / f"{scaling}.gpkg", scaling, tmp_path / scaling)
-        runs[scaling] = run = SceneRun(0, task, settings, {"predictor": "test"}, lambda summary: {}, None)
+        runs[scaling] = run = SceneRun(0, task, settings, {"predictor": "test"}, lambda summary: {}, None, side)
         assert run.plan()
+        assert sent == ["first_look"] * (scaling == "percentile")
     lazy, planned = runs["divide255"], runs["percentile"]
-    assert lazy.look.ref is None and lazy.look.result is None
+    assert lazy.look.call is None and lazy.look.result is None
     assert planned.look.result is not None
     lazy.write(Rows.empty())
-    assert lazy.look.ref is not None and lazy.failure is None
+    assert sent == ["first_look"] * 2 and lazy.look.call is not None and lazy.failure is None
     overview, _ = lazy.look()
     assert overview is not None and overview.data.shape[1:] == (200, 200)
     for run in runs.values():

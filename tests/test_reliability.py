@@ -86,6 +86,32 @@ def test_killed_worker_gives_the_same_output(tmp_path, scene, ray_session):
     assert features(out) == features(reference)
 
 
+def test_side_jobs_run_in_a_model_worker_beside_its_batch_and_here_once_it_is_lost(tmp_path, scene, ray_session):
+    """A scene's short jobs (overview read, quicklook) go to a model worker's side thread: they neither wait
+    for the batch in its model nor start a process of their own; a lost worker's job is done by the driver."""
+    import ray
+
+    from pipeline.pool import RayPool
+    from pipeline.raster import open_scene
+    from pipeline.scene_run import scene_spec
+    from pipeline.settings import load_settings, settings_overrides
+
+    settings = load_settings(None, settings_overrides({"tile": TILE, "overlap": OVERLAP, "workers": 1,
+                                                      "threads_per_worker": 1, "scaling": "divide255"}))
+    spec = scene_spec(str(scene), open_scene(str(scene)), settings, lambda: (None, []))
+    pid_dir = tmp_path / "pids"
+    pid_dir.mkdir()
+    with RayPool(SlowOracle(3.0, str(pid_dir)), settings) as pool:
+        batch = pool.actors[0].process.remote({0: spec}, [(0, 0)])
+        while not any(pid_dir.iterdir()):  # the batch is in the model
+            time.sleep(0.02)
+        (model_pid,) = (int(p.name) for p in pid_dir.iterdir())
+        assert pool.side(os.getpid).result() == model_pid
+        assert not ray.wait([batch], timeout=0)[0]  # it came back while the model still ran
+        ray.kill(pool.actors[0])
+        assert pool.side(os.getpid).result() == os.getpid()
+
+
 INTERRUPTIBLE = textwrap.dedent("""
     import signal, sys
     sys.path.insert(0, {repo!r})

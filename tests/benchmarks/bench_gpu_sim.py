@@ -7,8 +7,8 @@ Prints, for each time per tile and worker count: tiles/s, efficiency against the
 before the first batch returns, is a one-time cost: Ray's first calls into a fresh actor); the driver's CPU ms
 per tile (the whole process, and by thread: main, output, plan, other Python threads, Ray's native threads;
 after a first job that takes the process's one-time costs, such as imports), the model workers' host CPU ms
-per tile (the pipeline's share, the stand-in's own CPU apart), the other Ray workers' (per-scene tasks:
-overview read, quicklook outlines and page) and Ray's daemons'; and where the model workers waited (before
+per tile (the pipeline's share, the stand-in's own CPU apart; the scenes' short jobs, overview read and
+quicklook, run there too), any other Ray workers' and Ray's daemons'; and where the model workers waited (before
 their first call, between calls, after their last).
 
     python -m tests.benchmarks.bench_gpu_sim [--jobs 3x3072 1x8192] [--seconds 0.05 0.1] [--workers 1 2]
@@ -34,8 +34,8 @@ from tests.benchmarks.standin import StandIn, object_scene
 
 
 def ray_processes() -> dict[str, list[psutil.Process]]:
-    """This driver's Ray processes: workers (`ray::...`: the model actors, and the pooled processes that run
-    tasks such as the overview read and the quicklook page) and Ray's own daemons (GCS, raylet, agents)."""
+    """This driver's Ray processes: workers (`ray::...`: the model actors, and any other: pooled processes
+    that run tasks, which `run` no longer starts) and Ray's own daemons (GCS, raylet, agents)."""
     found: dict[str, list[psutil.Process]] = {"actors": [], "tasks": [], "daemons": []}
     for proc in psutil.Process().children(recursive=True):
         try:
@@ -128,13 +128,14 @@ def standin_calls(log_dir: Path) -> dict[str, list[tuple[float, ...]]]:
 
 def model_idle(calls: dict[str, list[tuple[float, ...]]], start: float, end: float) -> str:
     """Where the model workers waited (wall s, mean over workers): before their first call, between calls
-    (the pipeline not keeping up), after their last call until the job ended (the last batches, the last
-    scene's merge and writing)."""
+    (the pipeline not keeping up), after their last call until the job ended (the other workers' last
+    batches, then the last scene's merge and writing: how long after the very last call the job ended)."""
     before = [c[0][2] - start for c in calls.values()]
     between = [sum(b[2] - a[3] for a, b in zip(c, c[1:])) for c in calls.values()]
     after = [end - c[-1][3] for c in calls.values()]
     return (f"model idle per worker: {sum(before) / len(before):.2f} s before its first call, "
-            f"{sum(between) / len(between):.2f} s between calls, {sum(after) / len(after):.2f} s after its last")
+            f"{sum(between) / len(between):.2f} s between calls, {sum(after) / len(after):.2f} s after its last "
+            f"(the job ended {min(after):.2f} s after the last call)")
 
 
 def one_job(scenes: list[str], layouts, seconds: float, workers: int, args, workdir: Path) -> str:
@@ -174,7 +175,7 @@ def one_job(scenes: list[str], layouts, seconds: float, workers: int, args, work
             f"efficiency {ideal / wall:.2f}, from the first batch on {ideal / steady:.2f}; "
             f"CPU ms per tile: {clock.per_tile(tiles)}, "
             f"model workers {per_tile(used['actors'] - standin)} (+ stand-in {per_tile(standin)}), "
-            f"per-scene tasks {per_tile(used['tasks'])}, Ray daemons {per_tile(used['daemons'])}; {idle}")
+            f"other Ray workers {per_tile(used['tasks'])}, Ray daemons {per_tile(used['daemons'])}; {idle}")
 
 
 def job_scenes(spec: str, workdir: Path) -> tuple[list[str], list[tuple[int, int, int]]]:
