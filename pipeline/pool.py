@@ -32,6 +32,16 @@ class PoolStats:
     in_flight: int = 0  # batches queued per worker now (fewer after a worker was killed for memory)
 
 
+def batch_size_at(left: int, batch_size: int, workers: int, queued: int) -> int:
+    """Tiles for the job's next batch when `left` tiles are still to be sent. Full batches until the end is
+    near, then smaller ones (guided self-scheduling): with every worker holding `queued` batches beside the
+    one in its model, equal batches to the end leave one worker waiting up to a whole batch for another's
+    last (0.35 s of a 10 s job on 2 workers at 8 x 50 ms). One worker has nobody to wait for."""
+    if workers == 1:
+        return batch_size
+    return max(1, min(batch_size, -(-left // (workers * (queued + 1)))))
+
+
 def failed(batch: Batch, reason: str) -> list[TileOutput]:
     return [TileOutput(scene, index, "failed", error=reason) for scene, index in batch[1]]
 

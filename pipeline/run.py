@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from core.cluster import SideCall
 from core.errors import UserError
-from pipeline.pool import Batch, RayPool
+from pipeline.pool import Batch, RayPool, batch_size_at
 from pipeline.predict import CheckpointPredictor
 from pipeline.scene_run import SceneRun, SceneTask, run_metadata
 from pipeline.scenes import scene_name
@@ -70,7 +70,7 @@ def run_job(tasks: list[SceneTask], predictor: Callable, settings: Settings, poo
     errors: list[UserError] = []
     output = ThreadPoolExecutor(max_workers=1, thread_name_prefix="output")
     bar = tqdm(total=0, desc="tiles", unit="tile", disable=not progress)
-    batch_size = settings.run.batch_size
+    batch_size, workers, queued = settings.run.batch_size, settings.run.workers, settings.run.batches_in_flight
     active = pool
 
     def side(fn: Callable, *args: Any) -> SideCall:  # the scenes' short jobs, beside the model (`RayPool.side`)
@@ -85,7 +85,8 @@ def run_job(tasks: list[SceneTask], predictor: Callable, settings: Settings, poo
         finishing.append((run, output.submit(run.finish)))
 
     def batches() -> Iterator[Batch]:
-        """The job's windows in batches (a batch may span scenes), scenes planned ahead of their turn."""
+        """The job's windows in batches (a batch may span scenes; the last scene's end in smaller ones, so that
+        the workers finish together), scenes planned ahead of their turn."""
         items: list[tuple[int, int]] = []
         specs: dict[int, Any] = {}
         previous: SceneRun | None = None
@@ -102,10 +103,12 @@ def run_job(tasks: list[SceneTask], predictor: Callable, settings: Settings, poo
                 bar.set_description(Path(run.task.scene).name)
                 if not todo:
                     hand_over(run)
-                for index in todo:
+                last = planner.exhausted  # the job's last tiles: sized to end together
+                for k, index in enumerate(todo):
                     items.append((run.number, index))
                     specs[run.number] = run.spec
-                    if len(items) == batch_size:
+                    left = len(todo) - k - 1 + len(items)
+                    if len(items) >= (batch_size_at(left, batch_size, workers, queued) if last else batch_size):
                         yield specs, items
                         items, specs = [], {}
         except UserError as exc:  # a scene that cannot run: those before it finish and are written first
@@ -186,6 +189,11 @@ class Planner:
             run, planned = self.queue.popleft()
             self.fill()
             yield run, planned.result()
+
+    @property
+    def exhausted(self) -> bool:
+        """No scene after those handed out."""
+        return not self.tasks and not self.queue
 
     def close(self) -> None:
         """Release what scenes planned ahead hold (their outputs' locks) when the job stops early."""

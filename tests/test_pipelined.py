@@ -65,6 +65,44 @@ def test_a_two_scene_job_equals_the_scenes_one_by_one_and_keeps_the_workers_busy
     assert two.timeline["first_tile"] < one.timeline["written"]
 
 
+class CountingOracle(OraclePredictor):
+    """The oracle, appending the size of each batch it is given to a file (model workers are processes)."""
+
+    def __init__(self, log: str):
+        self.log = log
+
+    def __call__(self, images):
+        with open(self.log, "a") as log:
+            log.write(f"{len(images)}\n")
+        return super().__call__(images)
+
+
+def test_the_job_ends_in_smaller_batches_so_the_workers_finish_together(tmp_path, ray_session):
+    """With equal batches to the end, one worker waits up to a whole batch for the other's last. The last
+    scene's end goes out in smaller batches (`pool.batch_size_at`), with the same rows; one worker keeps
+    full batches."""
+    from pipeline.pool import batch_size_at
+
+    assert [batch_size_at(left, 8, 2, 2) for left in (500, 48, 30, 12, 6, 1)] == [8, 8, 5, 2, 1, 1]
+    assert {batch_size_at(left, 8, 1, 2) for left in range(1, 60)} == {8}
+    first = scene(tmp_path / "first.tif", 250, 250, 733600.0)  # 9 windows
+    second = scene(tmp_path / "second.tif", 200, 300, 734000.0)  # 6 windows
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    for s in (first, second):
+        run_scene(s, alone / f"{Path(s).stem}.gpkg", predictor=OraclePredictor(), **OPTIONS)
+    for workers in (1, 2):
+        job, log = tmp_path / f"job{workers}", tmp_path / f"sizes{workers}"
+        job.mkdir()
+        list(run_scenes([first, second], CountingOracle(str(log)), None, out_dir=job, batch_size=4,
+                        workers=workers, threads_per_worker=1, **OPTIONS))
+        for s in (first, second):
+            assert rows(job / f"{Path(s).stem}.gpkg") == rows(alone / f"{Path(s).stem}.gpkg")
+        sizes = sorted((int(line) for line in log.read_text().split()), reverse=True)
+        # The first scene in full batches; then 15 - 8 = 7 tiles left for 2 workers x 3 batches each.
+        assert sizes == ([4, 4, 4, 3] if workers == 1 else [4, 4, 2, 1, 1, 1, 1, 1])
+
+
 class QuitAfter(OraclePredictor):
     """The oracle that stops working (raises) after a number of tiles while a flag file exists: a run that
     fails part-way, keeping the tiles it finished."""
