@@ -84,8 +84,7 @@ def scene_spec(scene: str, info: SceneInfo, settings: Settings,
     r, m = settings.run, settings.merge
     bands = resolve_bands(settings.bands, info.count, scene, info.alpha)
     overview = look()[0] if scaling_mode(settings, info) == "percentile" else None
-    # Workers on other nodes (or in another working directory) get an absolute path.
-    return SceneSpec(scene=str(scene) if is_virtual(scene) else os.path.abspath(scene), bands=bands,
+    return SceneSpec(scene=absolute_scene(scene), bands=bands,
                      nodata=band_nodata(settings.nodata, info, bands, scene),
                      scaling=compute_scaling(scene, info, settings, bands, overview), masked=info.masked,
                      score_threshold=float(r.score_threshold), mask_threshold=float(r.mask_threshold),
@@ -93,6 +92,12 @@ def scene_spec(scene: str, info: SceneInfo, settings: Settings,
                      rule=SeamRule(float(m.iou_threshold), float(m.ios_threshold), m.class_agnostic, m.edge_margin),
                      transform=info.transform, crs=info.crs, simplify=float(r.simplify),
                      min_part_px=settings.min_part_px, min_area=float(r.min_area))
+
+
+def absolute_scene(scene: str) -> str:
+    """The scene as other processes must name it (Ray workers, on other nodes or in another working directory;
+    the run's record): an absolute path, or the GDAL virtual path as given."""
+    return str(scene) if is_virtual(scene) else os.path.abspath(scene)
 
 
 class SceneLook:
@@ -108,7 +113,7 @@ class SceneLook:
     def __init__(self, scene: str, info: SceneInfo, settings: Settings,
                  side: Callable[..., SideCall] = SideCall.here):
         bands = resolve_bands(settings.bands, info.count, scene, info.alpha)
-        self.parts = (scene, info, bands, band_nodata(settings.nodata, info, bands, scene))
+        self.parts = (absolute_scene(scene), info, bands, band_nodata(settings.nodata, info, bands, scene))
         self.side = side
         self.call: SideCall | None = None
         self.result: tuple[Overview | None, list[str]] | None = None
@@ -357,7 +362,7 @@ def run_metadata(predictor_identity: dict[str, Any], checkpoint: str | None, mod
                  settings: Settings, summary: RunSummary) -> dict[str, Any]:
     """What produced this output: stored in the output where its format keeps metadata, and in the run report."""
     return {
-        "scene": summary.scene if is_virtual(summary.scene) else os.path.abspath(summary.scene),
+        "scene": absolute_scene(summary.scene),
         "checkpoint": checkpoint,
         "predictor": predictor_identity,
         "model_config": model_config,
